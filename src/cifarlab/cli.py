@@ -1,0 +1,178 @@
+"""The ``cifarlab`` command. Parses arguments and calls one function; no logic of its own.
+
+Trainers and sweeps live in their own modules, imported only when asked for, so
+``cifarlab train mlp-numpy`` never imports torch. Each such module exposes
+``add_arguments(parser)`` and ``main(args) -> int | None``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from cifarlab import __version__
+from cifarlab.errors import UsageError
+
+# name -> (module, one-line description)
+TRAINERS: dict[str, tuple[str, str]] = {
+    "mlp-numpy": ("cifarlab.numpy_nn.train", "MLP in pure NumPy with hand-written backprop"),
+    "mlp": ("cifarlab.recipes.mlp", "PyTorch MLP (ELU/Tanh/ReLU, BatchNorm/LayerNorm, dropout)"),
+    "convnet": ("cifarlab.recipes.convnet", "the spec's VGG13-like pre-activation ConvNet"),
+}
+SWEEPS: dict[str, tuple[str, str]] = {
+    "table1": ("cifarlab.sweeps.table1", "the seed's Table 1: seven PyTorch MLP configurations"),
+    "activations": ("cifarlab.sweeps.activations", "ELU vs Tanh vs ReLU, with gradient norms"),
+    "norms": ("cifarlab.sweeps.norms", "no norm vs BatchNorm vs LayerNorm across batch sizes"),
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises instead of exiting, so every usage error is one line, exit 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(f"{self.prog}: {message} (see --help)")
+
+
+def add_data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data-dir", metavar="DIR",
+                   help="folder holding cifar-10-batches-bin/ or cifar-10-batches-py/ "
+                        "(default: $CIFARLAB_DATA, else ~/.cache/cifarlab; downloaded if absent)")  # fmt: skip
+    p.add_argument("--no-verify", dest="verify", action="store_false",
+                   help="skip the md5 check of the data files (for a re-packed copy)")  # fmt: skip
+
+
+def add_run_args(p: argparse.ArgumentParser) -> None:
+    add_data_args(p)
+    p.add_argument("--out", metavar="DIR",
+                   help="run directory (default: runs/<model>-<YYYYmmdd-HHMMSS>); must be new or empty")  # fmt: skip
+    p.add_argument("--resume", metavar="RUN_DIR",
+                   help="continue an interrupted run from its last checkpoint")  # fmt: skip
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="cifarlab", description=__doc__.splitlines()[0] if __doc__ else None)
+    p.description = "Neural networks on CIFAR-10: NumPy backprop, PyTorch MLPs, ConvNets."
+    p.add_argument("--version", action="version", version=f"cifarlab {__version__}")
+    p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    data = sub.add_parser("data", help="download, verify or describe CIFAR-10")
+    dsub = data.add_subparsers(dest="data_command", metavar="ACTION", parser_class=_Parser)
+    d = dsub.add_parser("download", help="download the official binary version (md5-checked)")
+    d.add_argument("--data-dir", metavar="DIR", help="target folder (default: $CIFARLAB_DATA or ~/.cache/cifarlab)")
+    d.add_argument("--url", help="mirror URL of cifar-10-binary.tar.gz")
+    d.add_argument("--md5", help="expected md5 of the tarball at --url")
+    d.add_argument("--no-progress", dest="progress", action="store_false")
+    v = dsub.add_parser("verify", help="check every file against its official md5")
+    v.add_argument("--data-dir", metavar="DIR", help="folder to check (default: $CIFARLAB_DATA or ~/.cache/cifarlab)")
+    i = dsub.add_parser("info", help="per-class counts and per-channel mean/std")
+    add_data_args(i)
+
+    for name, (module, text) in (("train", (None, "train a model; writes a run directory")),
+                                 ("sweep", (None, "run a family of experiments into results/"))):  # fmt: skip
+        table = TRAINERS if name == "train" else SWEEPS
+        sp = sub.add_parser(name, help=text, add_help=False,
+                            description=text + ". Available:\n" +
+                            "\n".join(f"  {k:12s} {d}" for k, (_, d) in table.items()),
+                            formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+        sp.add_argument("target", nargs="?", metavar="NAME", help=" | ".join(table))
+        sp.add_argument("rest", nargs=argparse.REMAINDER)
+
+    e = sub.add_parser("eval", help="evaluate a run or checkpoint on the test set")
+    e.add_argument("target", metavar="RUN_DIR|CHECKPOINT")
+    e.add_argument("--out", metavar="DIR", help="where to write the report (default: the run directory)")
+    add_data_args(e)
+    pr = sub.add_parser("predict", help="top-3 classes for image files")
+    pr.add_argument("checkpoint", metavar="CHECKPOINT")
+    pr.add_argument("images", metavar="IMAGE", nargs="+")
+    return p
+
+
+def _dispatch_module(kind: str, table: dict, args: argparse.Namespace) -> int:
+    if args.target is None or args.target in ("-h", "--help"):
+        print(f"usage: cifarlab {kind} NAME [options]   (cifarlab {kind} NAME --help for its options)")
+        print("\n".join(f"  {k:12s} {d}" for k, (_, d) in table.items()))
+        return 0 if args.target else 2
+    if args.target not in table:
+        raise UsageError(f"unknown {kind} target {args.target!r}; choose one of: {', '.join(table)}")
+    module = importlib.import_module(table[args.target][0])
+    sp = _Parser(prog=f"cifarlab {kind} {args.target}", description=table[args.target][1])
+    if kind == "train":
+        add_run_args(sp)
+    module.add_arguments(sp)
+    sub_args = sp.parse_args(args.rest)
+    sub_args.debug = args.debug
+    return module.main(sub_args) or 0
+
+
+def _data_command(args: argparse.Namespace) -> int:
+    from cifarlab import data
+
+    if args.data_command == "download":
+        folder = data.find_dataset(args.data_dir)
+        if folder is None:
+            folder = data.download_cifar10(args.data_dir, url=args.url, md5=args.md5, progress=args.progress)
+        print(f"CIFAR-10 ready in {folder}")
+        return _data_command(argparse.Namespace(data_command="verify", data_dir=args.data_dir))
+    if args.data_command == "verify":
+        folder = data.find_dataset(args.data_dir)
+        if folder is None:
+            raise UsageError(f"no CIFAR-10 in {data.data_root(args.data_dir)}: run `cifarlab data download`")
+        bad = 0
+        for name, fault in data.verify_dataset(folder):
+            print(f"{'OK ' if fault is None else 'BAD'} {folder / name}" + (f": {fault}" if fault else ""))
+            bad += fault is not None
+        if bad:
+            print(f"cifarlab: error: {bad} file(s) failed verification in {folder}", file=sys.stderr)
+            return 2
+        print(f"all {len(data.MD5[folder.name])} files match the official md5s")
+        return 0
+    if args.data_command == "info":
+        x_train, y_train, x_test, y_test = data.load_cifar10(args.data_dir, verify=args.verify)
+        print(f"folder: {data.find_dataset(args.data_dir)}")
+        print(f"train {x_train.shape} {x_train.dtype}, test {x_test.shape} {x_test.dtype}")
+        print(f"{'class':12s} {'train':>6s} {'test':>6s}")
+        for c, a, b in zip(data.CLASSES, data.class_counts(y_train), data.class_counts(y_test)):
+            print(f"{c:12s} {a:6d} {b:6d}")
+        mean, std = data.channel_stats(x_train)
+        print("train channel mean (R,G,B, 0..255): " + ", ".join(f"{m:.2f}" for m in mean))
+        print("train channel std  (R,G,B, 0..255): " + ", ".join(f"{s:.2f}" for s in std))
+        return 0
+    raise UsageError("cifarlab data: choose an action: download, verify or info (see --help)")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    from cifarlab.data import DataError
+
+    try:
+        parser = _build_parser()
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help()
+            return 2
+        if args.command == "data":
+            return _data_command(args)
+        if args.command == "train":
+            return _dispatch_module("train", TRAINERS, args)
+        if args.command == "sweep":
+            return _dispatch_module("sweep", SWEEPS, args)
+        from cifarlab import inspect_cmd  # eval / predict
+
+        return inspect_cmd.main(args)
+    except (UsageError, DataError) as e:
+        if debug:
+            raise
+        print(f"cifarlab: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("cifarlab: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

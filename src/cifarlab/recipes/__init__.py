@@ -1,0 +1,1 @@
+"""Recipes: one config dataclass + presets per torch model, trained by cifarlab.train."""
