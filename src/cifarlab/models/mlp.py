@@ -1,0 +1,121 @@
+"""Multi-layer perceptron (and, with no hidden layers, multinomial logistic regression)."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from cifarlab.models.registry import register_model
+
+__all__ = ["ACTIVATIONS", "MLP", "NORMS", "mlp"]
+
+ACTIVATIONS: dict[str, type[nn.Module]] = {
+    "elu": nn.ELU,
+    "relu": nn.ReLU,
+    "tanh": nn.Tanh,
+    "gelu": nn.GELU,
+}
+NORMS: tuple[str | None, ...] = (None, "batch", "layer")
+
+
+def _layer_norm(n: int) -> nn.Module:
+    """The project's hand-written layer norm if available, else ``nn.LayerNorm``."""
+    try:
+        from cifarlab.layernorm import LayerNormManual
+    except ImportError:
+        return nn.LayerNorm(n)
+    return LayerNormManual(n)
+
+
+def _make_norm(norm: str | None, n: int) -> nn.Module | None:
+    if norm is None:
+        return None
+    if norm == "batch":
+        return nn.BatchNorm1d(n)
+    if norm == "layer":
+        return _layer_norm(n)
+    raise ValueError(f"unknown norm {norm!r}; expected one of {NORMS}")
+
+
+class MLP(nn.Module):
+    """Fully connected network returning logits.
+
+    Each hidden block is ``Linear -> [norm] -> activation -> [dropout]``, followed by an output
+    ``Linear``. With ``n_hidden=[]`` the model is a single ``Linear`` (multinomial logistic
+    regression). Inputs of shape ``(N, ...)`` are flattened to ``(N, n_inputs)``.
+
+    Args:
+        n_inputs: number of input features (3072 for CIFAR-10 images).
+        n_hidden: widths of the hidden layers; may be empty.
+        n_classes: number of output logits.
+        activation: one of ``'elu'``, ``'relu'``, ``'tanh'``, ``'gelu'``.
+        norm: ``None``, ``'batch'`` (``BatchNorm1d``) or ``'layer'``
+            (``cifarlab.layernorm.LayerNormManual``, falling back to ``nn.LayerNorm``).
+        dropout: dropout probability after each hidden activation (0 disables it).
+    """
+
+    def __init__(
+        self,
+        n_inputs: int,
+        n_hidden: Sequence[int],
+        n_classes: int,
+        activation: str = "elu",
+        norm: str | None = None,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(
+                f"unknown activation {activation!r}; expected one of {sorted(ACTIVATIONS)}"
+            )
+        if norm not in NORMS:
+            raise ValueError(f"unknown norm {norm!r}; expected one of {NORMS}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        self.n_inputs = int(n_inputs)
+        self.n_hidden = [int(h) for h in n_hidden]
+        self.n_classes = int(n_classes)
+        self.activation = activation
+        self.norm = norm
+        self.dropout = float(dropout)
+
+        blocks = []
+        width = self.n_inputs
+        for h in self.n_hidden:
+            layers: OrderedDict[str, nn.Module] = OrderedDict(linear=nn.Linear(width, h))
+            norm_layer = _make_norm(norm, h)
+            if norm_layer is not None:
+                layers["norm"] = norm_layer
+            layers["act"] = ACTIVATIONS[activation]()
+            if dropout > 0:
+                layers["dropout"] = nn.Dropout(dropout)
+            blocks.append(nn.Sequential(layers))
+            width = h
+        self.hidden = nn.Sequential(*blocks)
+        self.output = nn.Linear(width, self.n_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.reshape(x.shape[0], self.n_inputs)
+        return self.output(self.hidden(x))
+
+    def extra_repr(self) -> str:
+        return (
+            f"n_inputs={self.n_inputs}, n_hidden={self.n_hidden}, n_classes={self.n_classes}, "
+            f"activation={self.activation!r}, norm={self.norm!r}, dropout={self.dropout}"
+        )
+
+
+@register_model("mlp")
+def mlp(
+    num_classes: int = 10,
+    n_inputs: int = 3072,
+    n_hidden: Sequence[int] = (100,),
+    activation: str = "elu",
+    norm: str | None = None,
+    dropout: float = 0.0,
+) -> MLP:
+    """MLP on flattened images (default: one hidden layer of 100 ELU units)."""
+    return MLP(n_inputs, list(n_hidden), num_classes, activation, norm, dropout)
