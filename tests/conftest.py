@@ -39,8 +39,12 @@ def write_bin(folder: Path, arrays: dict) -> dict[str, str]:
 def write_py(folder: Path, arrays: dict) -> dict[str, str]:
     folder.mkdir(parents=True)
     for name, (x, y) in arrays.items():
-        d = {b"batch_label": name.encode(), b"labels": y.tolist(), b"data": x.reshape(len(x), -1),
-             b"filenames": [b"f.png"] * len(y)}  # fmt: skip
+        d = {
+            b"batch_label": name.encode(),
+            b"labels": y.tolist(),
+            b"data": x.reshape(len(x), -1),
+            b"filenames": [b"f.png"] * len(y),
+        }
         (folder / name).write_bytes(pickle.dumps(d, protocol=2))
     (folder / "batches.meta").write_bytes(pickle.dumps({b"label_names": list(data.CLASSES)}))
     return {p.name: hashlib.md5(p.read_bytes()).hexdigest() for p in folder.iterdir()}

@@ -33,8 +33,16 @@ def test_info_prints_counts(synthetic, capsys):
     assert "airplane" in out and "channel mean" in out
 
 
-@pytest.mark.parametrize("argv", [["--bogus"], ["train", "nope"], ["sweep", "nope"], ["data", "verify", "--x"],
-                                  ["train", "mlp", "--max-steps", "ten"]])  # fmt: skip
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--bogus"],
+        ["train", "nope"],
+        ["sweep", "nope"],
+        ["data", "verify", "--x"],
+        ["train", "mlp", "--max-steps", "ten"],
+    ],
+)
 def test_usage_errors_are_one_line_exit_2(argv, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
@@ -47,11 +55,15 @@ def test_missing_data_is_one_line(tmp_path, capsys):
 
 
 def test_subprocess_entry_point_and_help():
-    r = subprocess.run([sys.executable, "-m", "cifarlab", "train", "mlp-numpy", "--help"],
-                       capture_output=True, text=True)  # fmt: skip
+    r = subprocess.run(
+        [sys.executable, "-m", "cifarlab", "train", "mlp-numpy", "--help"], capture_output=True, text=True
+    )
     assert r.returncode == 0 and "--dnn-hidden-units" in r.stdout and "--dnn_hidden_units" in r.stdout
-    r = subprocess.run([sys.executable, "-m", "cifarlab", "data", "verify", "--data-dir", "/nonexistent"],
-                       capture_output=True, text=True)  # fmt: skip
+    r = subprocess.run(
+        [sys.executable, "-m", "cifarlab", "data", "verify", "--data-dir", "/nonexistent"],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 2 and "Traceback" not in r.stderr
 
 
@@ -76,8 +88,15 @@ def test_rundir_writes_summary_and_curves(tmp_path):
     run = RunDir.create("x", out=tmp_path / "r")
     run.write_config({"lr": 0.1})
     for s in (1, 2):
-        run.log({"step": s, "train_loss": 2.0 / s, "train_acc": 0.1 * s, "test_loss": 2.1 / s,
-                 "test_acc": 0.3 - 0.1 * s})  # fmt: skip
+        run.log(
+            {
+                "step": s,
+                "train_loss": 2.0 / s,
+                "train_acc": 0.1 * s,
+                "test_loss": 2.1 / s,
+                "test_acc": 0.3 - 0.1 * s,
+            }
+        )
     summary = run.finish({"test_accuracy": 0.1, "wall_seconds": 1.0})
     assert summary["best_test_accuracy"] == pytest.approx(0.2)
     assert json.loads(run.summary_path.read_text())["test_accuracy"] == 0.1

@@ -22,8 +22,12 @@ from cifarlab.data import DataError
 def _expected(arrays):
     xs = [arrays[b][0] for b in data.TRAIN_BATCHES]
     ys = [arrays[b][1] for b in data.TRAIN_BATCHES]
-    return (np.concatenate(xs).transpose(0, 2, 3, 1), np.concatenate(ys),
-            arrays["test_batch"][0].transpose(0, 2, 3, 1), arrays["test_batch"][1])  # fmt: skip
+    return (
+        np.concatenate(xs).transpose(0, 2, 3, 1),
+        np.concatenate(ys),
+        arrays["test_batch"][0].transpose(0, 2, 3, 1),
+        arrays["test_batch"][1],
+    )
 
 
 def test_binary_format_loads_nhwc(synthetic):
@@ -63,7 +67,10 @@ def test_truncated_file_is_named_with_its_size(synthetic):
     f.write_bytes(f.read_bytes()[:5000])
     with pytest.raises(DataError, match=r"test_batch\.bin: md5 mismatch"):
         data.load_cifar10(root)
-    with pytest.raises(DataError, match=r"test_batch\.bin: truncated to 5000 bytes"), pytest.warns(UserWarning):
+    with (
+        pytest.raises(DataError, match=r"test_batch\.bin: truncated to 5000 bytes"),
+        pytest.warns(UserWarning),
+    ):
         data.load_cifar10(root, verify=False)
 
 
@@ -86,7 +93,10 @@ def test_label_out_of_range(synthetic):
     b = bytearray(f.read_bytes())
     b[data.RECORD * 3] = 10  # label byte of the 4th record
     f.write_bytes(bytes(b))
-    with pytest.raises(DataError, match=r"data_batch_1\.bin: label out of range: 10"), pytest.warns(UserWarning):
+    with (
+        pytest.raises(DataError, match=r"data_batch_1\.bin: label out of range: 10"),
+        pytest.warns(UserWarning),
+    ):
         data.load_cifar10(root, verify=False)
 
 
@@ -257,7 +267,7 @@ def test_download_with_wrong_md5_is_refused(served_tarball, tmp_path):
     assert not (tmp_path / "dl" / data.TARBALL).exists()
 
 
-# --------------------------------------------------------------------------- preprocessing, augmentation, batches
+# ------------------------------------------------------------- preprocessing, augmentation, batches
 
 
 def test_seed_preprocessing_subtracts_the_mean_image(synthetic):

@@ -17,13 +17,28 @@ from cifarlab.train import TrainConfig, TrainingDiverged, fit, load_weights, lr_
 
 def _tiny_model():
     torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3072, 16), torch.nn.ELU(),
-                               torch.nn.Dropout(0.2), torch.nn.Linear(16, 10))  # fmt: skip
+    return torch.nn.Sequential(
+        torch.nn.Flatten(),
+        torch.nn.Linear(3072, 16),
+        torch.nn.ELU(),
+        torch.nn.Dropout(0.2),
+        torch.nn.Linear(16, 10),
+    )
 
 
 def _cfg(**kw):
-    base = dict(max_steps=12, eval_freq=4, batch_size=16, optimizer="adam", learning_rate=1e-3,
-                schedule="cosine", warmup_steps=2, augment=True, preprocess="standard", threads=1)  # fmt: skip
+    base = dict(
+        max_steps=12,
+        eval_freq=4,
+        batch_size=16,
+        optimizer="adam",
+        learning_rate=1e-3,
+        schedule="cosine",
+        warmup_steps=2,
+        augment=True,
+        preprocess="standard",
+        threads=1,
+    )
     return TrainConfig(**{**base, **kw})
 
 
@@ -71,8 +86,11 @@ def test_nan_stops_and_keeps_last_good_checkpoint(synthetic, tmp_path):
     run = RunDir.create("t", out=tmp_path / "r")
     with pytest.raises(TrainingDiverged, match="last good checkpoint"):
         fit(_Exploding(), _cfg(augment=False), run, d, {"model": "x"}, progress=False)
-    state = json.loads(__import__("safetensors").safe_open(
-        str(run.checkpoint_dir / "state.safetensors"), "pt").metadata()["state"])
+    state = json.loads(
+        __import__("safetensors")
+        .safe_open(str(run.checkpoint_dir / "state.safetensors"), "pt")
+        .metadata()["state"]
+    )
     assert state["step"] == 4
     weights, _, _ = load_weights(run.checkpoint_dir)
     assert all(torch.isfinite(v).all() for v in weights.values())
@@ -99,8 +117,23 @@ def test_lr_schedules():
 
 def test_train_mlp_cli_end_to_end(synthetic, tmp_path, capsys):
     out = tmp_path / "run"
-    argv = ["train", "mlp", "--data-dir", str(synthetic[0]), "--out", str(out), "--max-steps", "6",
-            "--eval-freq", "3", "--batch-size", "20", "--no-progress", "--optimizer", "adam"]  # fmt: skip
+    argv = [
+        "train",
+        "mlp",
+        "--data-dir",
+        str(synthetic[0]),
+        "--out",
+        str(out),
+        "--max-steps",
+        "6",
+        "--eval-freq",
+        "3",
+        "--batch-size",
+        "20",
+        "--no-progress",
+        "--optimizer",
+        "adam",
+    ]
     assert main(argv) == 0
     assert "test accuracy" in capsys.readouterr().out
     for name in ("config.json", "metrics.jsonl", "summary.json", "curves.png"):
@@ -114,5 +147,6 @@ def test_train_mlp_cli_end_to_end(synthetic, tmp_path, capsys):
     assert main(argv) == 2  # refuses to overwrite the run
     assert (out / "summary.json").read_bytes() == before
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
-    np.testing.assert_equal(main(["train", "mlp", "--resume", str(tmp_path / "nothing"),
-                                  "--data-dir", str(synthetic[0])]), 2)  # fmt: skip
+    np.testing.assert_equal(
+        main(["train", "mlp", "--resume", str(tmp_path / "nothing"), "--data-dir", str(synthetic[0])]), 2
+    )

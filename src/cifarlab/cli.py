@@ -36,19 +36,28 @@ class _Parser(argparse.ArgumentParser):
 
 
 def add_data_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data-dir", metavar="DIR",
-                   help="folder holding cifar-10-batches-bin/ or cifar-10-batches-py/ "
-                        "(default: $CIFARLAB_DATA, else ~/.cache/cifarlab; downloaded if absent)")  # fmt: skip
-    p.add_argument("--no-verify", dest="verify", action="store_false",
-                   help="skip the md5 check of the data files (for a re-packed copy)")  # fmt: skip
+    p.add_argument(
+        "--data-dir",
+        metavar="DIR",
+        help="folder holding cifar-10-batches-bin/ or cifar-10-batches-py/ "
+        "(default: $CIFARLAB_DATA, else ~/.cache/cifarlab; downloaded if absent)",
+    )
+    p.add_argument(
+        "--no-verify",
+        dest="verify",
+        action="store_false",
+        help="skip the md5 check of the data files (for a re-packed copy)",
+    )
 
 
 def add_run_args(p: argparse.ArgumentParser) -> None:
     add_data_args(p)
-    p.add_argument("--out", metavar="DIR",
-                   help="run directory (default: runs/<model>-<YYYYmmdd-HHMMSS>); must be new or empty")  # fmt: skip
-    p.add_argument("--resume", metavar="RUN_DIR",
-                   help="continue an interrupted run from its last checkpoint")  # fmt: skip
+    p.add_argument(
+        "--out",
+        metavar="DIR",
+        help="run directory (default: runs/<model>-<YYYYmmdd-HHMMSS>); must be new or empty",
+    )
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
 
@@ -62,22 +71,30 @@ def _build_parser() -> argparse.ArgumentParser:
     data = sub.add_parser("data", help="download, verify or describe CIFAR-10")
     dsub = data.add_subparsers(dest="data_command", metavar="ACTION", parser_class=_Parser)
     d = dsub.add_parser("download", help="download the official binary version (md5-checked)")
-    d.add_argument("--data-dir", metavar="DIR", help="target folder (default: $CIFARLAB_DATA or ~/.cache/cifarlab)")
+    d.add_argument(
+        "--data-dir", metavar="DIR", help="target folder (default: $CIFARLAB_DATA or ~/.cache/cifarlab)"
+    )
     d.add_argument("--url", help="mirror URL of cifar-10-binary.tar.gz")
     d.add_argument("--md5", help="expected md5 of the tarball at --url")
     d.add_argument("--no-progress", dest="progress", action="store_false")
     v = dsub.add_parser("verify", help="check every file against its official md5")
-    v.add_argument("--data-dir", metavar="DIR", help="folder to check (default: $CIFARLAB_DATA or ~/.cache/cifarlab)")
+    v.add_argument(
+        "--data-dir", metavar="DIR", help="folder to check (default: $CIFARLAB_DATA or ~/.cache/cifarlab)"
+    )
     i = dsub.add_parser("info", help="per-class counts and per-channel mean/std")
     add_data_args(i)
 
-    for name, (module, text) in (("train", (None, "train a model; writes a run directory")),
-                                 ("sweep", (None, "run a family of experiments into results/"))):  # fmt: skip
-        table = TRAINERS if name == "train" else SWEEPS
-        sp = sub.add_parser(name, help=text, add_help=False,
-                            description=text + ". Available:\n" +
-                            "\n".join(f"  {k:12s} {d}" for k, (_, d) in table.items()),
-                            formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    for name, text, table in (
+        ("train", "train a model; writes a run directory", TRAINERS),
+        ("sweep", "run a family of experiments into results/", SWEEPS),
+    ):
+        sp = sub.add_parser(
+            name,
+            help=text,
+            add_help=False,
+            description=text + ". Available:\n" + "\n".join(f"  {k:12s} {d}" for k, (_, d) in table.items()),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
         sp.add_argument("target", nargs="?", metavar="NAME", help=" | ".join(table))
         sp.add_argument("rest", nargs=argparse.REMAINDER)
 

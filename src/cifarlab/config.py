@@ -20,7 +20,7 @@ T = TypeVar("T")
 
 
 def parse_int_list(text: str) -> list[int]:
-    """"500,300" -> [500, 300]; "" -> [] (no hidden layer)."""
+    """ "500,300" -> [500, 300]; "" -> [] (no hidden layer)."""
     text = text.strip()
     if not text:
         return []
@@ -43,8 +43,12 @@ def _base_type(tp: Any) -> Any:
 
 def add_config_args(parser: argparse.ArgumentParser, cls: type, presets: dict[str, dict]) -> None:
     hints = typing.get_type_hints(cls)
-    parser.add_argument("--preset", choices=sorted(presets), default=next(iter(presets)),
-                        help="starting recipe; flags given override it (default: %(default)s)")  # fmt: skip
+    parser.add_argument(
+        "--preset",
+        choices=sorted(presets),
+        default=next(iter(presets)),
+        help="starting recipe; flags given override it (default: %(default)s)",
+    )
     group = parser.add_argument_group("settings (defaults are the seed preset's)")
     for f in dataclasses.fields(cls):
         if f.metadata.get("cli") is False:

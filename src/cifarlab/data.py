@@ -25,10 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
-CLASSES: tuple[str, ...] = (
-    "airplane", "automobile", "bird", "cat", "deer",
-    "dog", "frog", "horse", "ship", "truck",
-)  # fmt: skip
+CLASSES: tuple[str, ...] = tuple(
+    "airplane automobile bird cat deer dog frog horse ship truck".split()
+)
 
 URL = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"
 TARBALL = "cifar-10-binary.tar.gz"
@@ -154,6 +153,7 @@ class _SafeUnpickler(pickle.Unpickler):
         ("numpy._core.multiarray", "_reconstruct"),
         ("numpy", "ndarray"),
         ("numpy", "dtype"),
+        ("_codecs", "encode"),  # how protocol-2 pickles written by Python 3 store bytes
     }
 
     def find_class(self, module: str, name: str):  # noqa: D401
@@ -257,8 +257,13 @@ def download_cifar10(
         try:
             with urllib.request.urlopen(url, timeout=60) as resp, open(part, "wb") as out:
                 total = int(resp.headers.get("Content-Length") or 0) or None
-                bar = tqdm(total=total, unit="B", unit_scale=True, disable=not progress,
-                           desc=f"downloading {TARBALL}")  # fmt: skip
+                bar = tqdm(
+                    total=total,
+                    unit="B",
+                    unit_scale=True,
+                    disable=not progress,
+                    desc=f"downloading {TARBALL}",
+                )
                 with bar:
                     while block := resp.read(1 << 20):
                         out.write(block)
@@ -420,8 +425,9 @@ class Batches:
     ``default_rng([seed, 1, s])``. No hidden state, so a resumed run sees the same batches.
     """
 
-    def __init__(self, x: np.ndarray, y: np.ndarray, batch_size: int, seed: int = 0,
-                 augment: bool = False) -> None:  # fmt: skip
+    def __init__(
+        self, x: np.ndarray, y: np.ndarray, batch_size: int, seed: int = 0, augment: bool = False
+    ) -> None:
         if not 0 < batch_size <= len(x):
             raise ValueError(f"batch size {batch_size} must be between 1 and {len(x)}")
         self.x, self.y, self.batch_size, self.seed, self.augment = x, y, batch_size, seed, augment

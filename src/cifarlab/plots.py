@@ -20,8 +20,7 @@ def plot_curves(metrics: Sequence[dict], path: Path, title: str = "") -> Path:
         for split, style in (("train", "-"), ("test", "--")):
             ys = [m.get(f"{split}_{key}") for m in metrics]
             if any(y is not None for y in ys):
-                ax.plot(steps, [np.nan if y is None else y for y in ys], style, marker=".",
-                        label=split)  # fmt: skip
+                ax.plot(steps, [np.nan if y is None else y for y in ys], style, marker=".", label=split)
         ax.set_xlabel("step")
         ax.set_ylabel("cross-entropy loss" if key == "loss" else "accuracy")
         ax.grid(alpha=0.3)
@@ -42,8 +41,15 @@ def plot_confusion(matrix: np.ndarray, classes: Sequence[str], path: Path, title
     im = ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
     for i in range(len(classes)):
         for j in range(len(classes)):
-            ax.text(j, i, str(int(matrix[i, j])), ha="center", va="center", fontsize=7,
-                    color="white" if rates[i, j] > 0.5 else "black")  # fmt: skip
+            ax.text(
+                j,
+                i,
+                str(int(matrix[i, j])),
+                ha="center",
+                va="center",
+                fontsize=7,
+                color="white" if rates[i, j] > 0.5 else "black",
+            )
     ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
     ax.set_yticks(range(len(classes)), classes)
     ax.set_xlabel("predicted")
@@ -56,8 +62,14 @@ def plot_confusion(matrix: np.ndarray, classes: Sequence[str], path: Path, title
     return path
 
 
-def plot_series(series: dict[str, tuple[Sequence[float], Sequence[float]]], path: Path,
-                xlabel: str, ylabel: str, title: str = "", logy: bool = False) -> Path:  # fmt: skip
+def plot_series(
+    series: dict[str, tuple[Sequence[float], Sequence[float]]],
+    path: Path,
+    xlabel: str,
+    ylabel: str,
+    title: str = "",
+    logy: bool = False,
+) -> Path:
     """One line per named (x, y) series, e.g. test accuracy of every sweep configuration."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, (xs, ys) in series.items():

@@ -1,11 +1,11 @@
 """The one writer and reader of run directories, shared by the NumPy and PyTorch trainers.
 
-    runs/<model>-<YYYYmmdd-HHMMSS>/    (or --out DIR)
-      config.json     every setting, seed, data md5s, versions
-      metrics.jsonl   one JSON line per evaluation
-      summary.json    test_accuracy (final), best_test_accuracy, steps, wall_seconds, ...
-      curves.png      loss and accuracy vs step, train and test
-      checkpoint/     weights (safetensors) + trainer state, written by the trainer
+runs/<model>-<YYYYmmdd-HHMMSS>/    (or --out DIR)
+  config.json     every setting, seed, data md5s, versions
+  metrics.jsonl   one JSON line per evaluation
+  summary.json    test_accuracy (final), best_test_accuracy, steps, wall_seconds, ...
+  curves.png      loss and accuracy vs step, train and test
+  checkpoint/     weights (safetensors) + trainer state, written by the trainer
 """
 
 from __future__ import annotations
@@ -69,8 +69,13 @@ class RunDir:
 
     # -- creation ---------------------------------------------------------------------------
     @classmethod
-    def create(cls, model: str, out: str | os.PathLike | None = None, resume: bool = False,
-               root: str | os.PathLike = "runs") -> RunDir:  # fmt: skip
+    def create(
+        cls,
+        model: str,
+        out: str | os.PathLike | None = None,
+        resume: bool = False,
+        root: str | os.PathLike = "runs",
+    ) -> RunDir:
         """``out`` if given (refused when non-empty unless ``resume``), else a fresh
         ``<root>/<model>-<YYYYmmdd-HHMMSS>`` (suffixed ``-2``, ``-3``... if taken)."""
         if out is not None:

@@ -48,7 +48,9 @@ class TrainConfig:
     label_smoothing: float = field(default=0.0, metadata={"help": "label smoothing of the loss"})
     grad_clip: float = field(default=0.0, metadata={"help": "clip the gradient norm to this (0: off)"})
     augment: bool = field(default=False, metadata={"help": "random crop (pad 4) + horizontal flip"})
-    preprocess: str = field(default="seed", metadata={"help": "input preprocessing", "choices": PREPROCESSINGS})
+    preprocess: str = field(
+        default="seed", metadata={"help": "input preprocessing", "choices": PREPROCESSINGS}
+    )
     seed: int = field(default=42, metadata={"help": "seed of init, batches and augmentation"})
     eval_batch_size: int = field(default=1000, metadata={"help": "no-grad evaluation batch"})
     channels_last: bool = field(default=False, metadata={"help": "NHWC memory format (faster convs on CPU)"})
@@ -103,8 +105,14 @@ def to_tensor(x: np.ndarray, prep: Preprocess, channels_last: bool) -> torch.Ten
 
 
 @torch.inference_mode()
-def evaluate(model: torch.nn.Module, x: np.ndarray, y: np.ndarray, prep: Preprocess,
-             batch_size: int = 1000, channels_last: bool = False) -> dict[str, Any]:  # fmt: skip
+def evaluate(
+    model: torch.nn.Module,
+    x: np.ndarray,
+    y: np.ndarray,
+    prep: Preprocess,
+    batch_size: int = 1000,
+    channels_last: bool = False,
+) -> dict[str, Any]:
     """Loss, accuracy and predictions over the whole of ``x`` in large no-grad batches."""
     was_training = model.training
     model.eval()
@@ -122,8 +130,14 @@ def evaluate(model: torch.nn.Module, x: np.ndarray, y: np.ndarray, prep: Preproc
 # --------------------------------------------------------------------------- checkpoints
 
 
-def save_checkpoint(run: RunDir, model: torch.nn.Module, opt: torch.optim.Optimizer,
-                    state: dict[str, Any], meta: dict[str, Any], prep: Preprocess) -> None:  # fmt: skip
+def save_checkpoint(
+    run: RunDir,
+    model: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    state: dict[str, Any],
+    meta: dict[str, Any],
+    prep: Preprocess,
+) -> None:
     """Weights (+ preprocessing stats) and trainer state as two safetensors files, swapped in
     as one directory so a crash leaves the previous checkpoint or the new one, never a mix."""
     tmp = run.path / "checkpoint.tmp"
@@ -132,12 +146,18 @@ def save_checkpoint(run: RunDir, model: torch.nn.Module, opt: torch.optim.Optimi
     weights = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     weights["__preprocess__.shift"] = torch.from_numpy(np.ascontiguousarray(prep.shift))
     weights["__preprocess__.scale"] = torch.from_numpy(np.ascontiguousarray(prep.scale))
-    save_file(weights, tmp / "model.safetensors",
-              metadata={"cifarlab": json.dumps({**meta, "preprocess": prep.name})})  # fmt: skip
+    save_file(
+        weights,
+        tmp / "model.safetensors",
+        metadata={"cifarlab": json.dumps({**meta, "preprocess": prep.name})},
+    )
     tensors, plain = _flatten_optimizer(opt.state_dict())
     tensors["rng.torch"] = torch.get_rng_state()
-    save_file(tensors, tmp / "state.safetensors",
-              metadata={"state": json.dumps(state), "optimizer": json.dumps(plain)})  # fmt: skip
+    save_file(
+        tensors,
+        tmp / "state.safetensors",
+        metadata={"state": json.dumps(state), "optimizer": json.dumps(plain)},
+    )
     final, old = run.checkpoint_dir, run.path / "checkpoint.old"
     if final.exists():
         final.rename(old)
@@ -189,9 +209,11 @@ def load_weights(ckpt: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], P
         weights = load_file(str(f))
     except Exception as e:  # corrupted or not a safetensors file
         raise UsageError(f"{f}: not a readable cifarlab checkpoint ({e})") from None
-    prep = Preprocess(meta.get("preprocess", "seed"),
-                      weights.pop("__preprocess__.shift").numpy(),
-                      weights.pop("__preprocess__.scale").numpy())  # fmt: skip
+    prep = Preprocess(
+        meta.get("preprocess", "seed"),
+        weights.pop("__preprocess__.shift").numpy(),
+        weights.pop("__preprocess__.scale").numpy(),
+    )
     return weights, meta, prep
 
 
@@ -225,10 +247,16 @@ class TrainingDiverged(UsageError):
     """Loss became NaN/inf; the last good checkpoint is kept."""
 
 
-def fit(model: torch.nn.Module, cfg: TrainConfig, run: RunDir,
-        data: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
-        meta: dict[str, Any], resume: bool = False, progress: bool = True,
-        stop_after: int | None = None) -> dict[str, Any]:  # fmt: skip
+def fit(
+    model: torch.nn.Module,
+    cfg: TrainConfig,
+    run: RunDir,
+    data: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
+    meta: dict[str, Any],
+    resume: bool = False,
+    progress: bool = True,
+    stop_after: int | None = None,
+) -> dict[str, Any]:
     """Train ``model`` for ``cfg.max_steps`` steps, evaluating every ``cfg.eval_freq``.
 
     ``meta`` ({"model": name, "model_kwargs": ...}) goes into the checkpoint so eval/predict
@@ -268,8 +296,14 @@ def fit(model: torch.nn.Module, cfg: TrainConfig, run: RunDir,
 
     start_step = state["step"]
     t0 = time.perf_counter() - state["elapsed"]
-    bar = tqdm(total=cfg.max_steps, initial=start_step, disable=not progress, unit="step",
-               dynamic_ncols=True, desc=run.path.name)  # fmt: skip
+    bar = tqdm(
+        total=cfg.max_steps,
+        initial=start_step,
+        disable=not progress,
+        unit="step",
+        dynamic_ncols=True,
+        desc=run.path.name,
+    )
     model.train()
     t_train = time.perf_counter()
     with _StopRequested() as stop, bar:
@@ -304,19 +338,26 @@ def fit(model: torch.nn.Module, cfg: TrainConfig, run: RunDir,
                     )
                 ev = evaluate(model, x_test, y_test, prep, cfg.eval_batch_size, cfg.channels_last)
                 record = {
-                    "step": done, "epoch": round(batches.epoch_of(done), 4),
-                    "train_loss": train_loss, "train_acc": int(correct) / state["seen"],
-                    "test_loss": ev["loss"], "test_acc": ev["acc"],
-                    "seconds": round(time.perf_counter() - t0, 3), "lr": lr,
-                }  # fmt: skip
+                    "step": done,
+                    "epoch": round(batches.epoch_of(done), 4),
+                    "train_loss": train_loss,
+                    "train_acc": int(correct) / state["seen"],
+                    "test_loss": ev["loss"],
+                    "test_acc": ev["acc"],
+                    "seconds": round(time.perf_counter() - t0, 3),
+                    "lr": lr,
+                }
                 run.log(record)
                 loss_sum.zero_()
                 correct.zero_()
                 state["seen"] = 0
                 state["elapsed"] = time.perf_counter() - t0
                 checkpoint(done)
-                bar.set_postfix(loss=f"{train_loss:.3f}", test_acc=f"{ev['acc']:.4f}",
-                                img_s=f"{done * cfg.batch_size / max(state['elapsed'], 1e-9):.0f}")  # fmt: skip
+                bar.set_postfix(
+                    loss=f"{train_loss:.3f}",
+                    test_acc=f"{ev['acc']:.4f}",
+                    img_s=f"{done * cfg.batch_size / max(state['elapsed'], 1e-9):.0f}",
+                )
                 t_train = time.perf_counter()
             if stop.signum is not None or (stop_after is not None and done == stop_after):
                 state["train_seconds"] += time.perf_counter() - t_train
@@ -367,13 +408,20 @@ def run_recipe(args: Any, cfg_cls: type[TrainConfig], presets: dict[str, dict], 
     net = create_model(model, **kwargs)
     meta = {"model": model, "model_kwargs": kwargs}
     if not args.resume:
-        run.write_config({
-            "command": "cifarlab train " + model, "preset": args.preset, **meta,
-            "train": dataclasses.asdict(cfg), "data": dataset_fingerprint(args.data_dir),
-            "parameters": sum(p.numel() for p in net.parameters()),
-        })  # fmt: skip
+        run.write_config(
+            {
+                "command": "cifarlab train " + model,
+                "preset": args.preset,
+                **meta,
+                "train": dataclasses.asdict(cfg),
+                "data": dataset_fingerprint(args.data_dir),
+                "parameters": sum(p.numel() for p in net.parameters()),
+            }
+        )
     summary = fit(net, cfg, run, data, meta, resume=bool(args.resume), progress=args.progress)
-    print(f"test accuracy {summary['test_accuracy']:.4f} (best {summary['best_test_accuracy']:.4f}) "
-          f"after {summary['steps']} steps in {summary['wall_seconds']:.1f} s")  # fmt: skip
+    print(
+        f"test accuracy {summary['test_accuracy']:.4f} (best {summary['best_test_accuracy']:.4f}) "
+        f"after {summary['steps']} steps in {summary['wall_seconds']:.1f} s"
+    )
     print(f"run directory: {run.path}   curves: {run.curves_path}")
     return 0

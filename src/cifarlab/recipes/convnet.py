@@ -20,8 +20,9 @@ class ConvNetConfig(TrainConfig):
     max_steps: int = field(default=5000, metadata={"help": "optimizer steps"})
     batch_size: int = field(default=32, metadata={"help": "training batch size"})
     eval_freq: int = field(default=500, metadata={"help": "evaluate on the whole test set every N steps"})
-    optimizer: str = field(default="adam", metadata={"help": "optimizer",
-                                                     "choices": ("sgd", "momentum", "adam", "adamw")})  # fmt: skip
+    optimizer: str = field(
+        default="adam", metadata={"help": "optimizer", "choices": ("sgd", "momentum", "adam", "adamw")}
+    )
     channels_last: bool = field(default=True, metadata={"help": "NHWC memory format (faster convs on CPU)"})
 
     def model_kwargs(self) -> dict[str, Any]:
@@ -31,10 +32,17 @@ class ConvNetConfig(TrainConfig):
 PRESETS: dict[str, dict[str, Any]] = {
     "seed": {},
     "best": {
-        "optimizer": "adamw", "learning_rate": 2e-3, "weight_decay": 0.05, "batch_size": 64,
-        "schedule": "onecycle", "max_steps": 5000, "label_smoothing": 0.1, "augment": True,
-        "preprocess": "standard", "grad_clip": 2.0,
-    },  # fmt: skip
+        "optimizer": "adamw",
+        "learning_rate": 2e-3,
+        "weight_decay": 0.05,
+        "batch_size": 64,
+        "schedule": "onecycle",
+        "max_steps": 5000,
+        "label_smoothing": 0.1,
+        "augment": True,
+        "preprocess": "standard",
+        "grad_clip": 2.0,
+    },
 }
 
 

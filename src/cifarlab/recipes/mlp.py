@@ -19,27 +19,43 @@ NORMS = ("none", "batch", "layer")
 
 @dataclass
 class MLPConfig(TrainConfig):
-    dnn_hidden_units: list[int] = field(default_factory=lambda: [100],
-                                        metadata={"help": "hidden sizes, comma-separated ('' = none)"})  # fmt: skip
+    dnn_hidden_units: list[int] = field(
+        default_factory=lambda: [100], metadata={"help": "hidden sizes, comma-separated ('' = none)"}
+    )
     activation: str = field(default="elu", metadata={"help": "hidden activation", "choices": ACTIVATIONS})
-    norm: str = field(default="none", metadata={"help": "normalisation after each hidden Linear",
-                                                "choices": NORMS})  # fmt: skip
+    norm: str = field(
+        default="none", metadata={"help": "normalisation after each hidden Linear", "choices": NORMS}
+    )
     dropout: float = field(default=0.0, metadata={"help": "dropout after each hidden block"})
 
     def model_kwargs(self) -> dict[str, Any]:
-        return {"n_inputs": 3 * 32 * 32, "n_hidden": list(self.dnn_hidden_units),
-                "activation": self.activation, "norm": None if self.norm == "none" else self.norm,
-                "dropout": self.dropout}  # fmt: skip
+        return {
+            "n_inputs": 3 * 32 * 32,
+            "n_hidden": list(self.dnn_hidden_units),
+            "activation": self.activation,
+            "norm": None if self.norm == "none" else self.norm,
+            "dropout": self.dropout,
+        }
 
 
 PRESETS: dict[str, dict[str, Any]] = {
     "seed": {},
     "best": {
-        "dnn_hidden_units": [1024, 1024, 1024], "activation": "gelu", "norm": "batch",
-        "dropout": 0.1, "optimizer": "adamw", "learning_rate": 2e-3, "weight_decay": 0.05,
-        "schedule": "onecycle", "batch_size": 256, "max_steps": 12000, "eval_freq": 1000,
-        "label_smoothing": 0.1, "augment": True, "preprocess": "standard",
-    },  # fmt: skip
+        "dnn_hidden_units": [1024, 1024, 1024],
+        "activation": "gelu",
+        "norm": "batch",
+        "dropout": 0.1,
+        "optimizer": "adamw",
+        "learning_rate": 2e-3,
+        "weight_decay": 0.05,
+        "schedule": "onecycle",
+        "batch_size": 256,
+        "max_steps": 12000,
+        "eval_freq": 1000,
+        "label_smoothing": 0.1,
+        "augment": True,
+        "preprocess": "standard",
+    },
 }
 
 
