@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 from cifarlab.cli import main
 from cifarlab.data import load_cifar10
 from cifarlab.runs import RunDir
-from cifarlab.train import TrainConfig, TrainingDiverged, fit, load_weights, lr_at
+from cifarlab.schedules import lr_at
+from cifarlab.train import TrainConfig, TrainingDiverged, fit, load_weights
 
 
 def _tiny_model():

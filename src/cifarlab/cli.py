@@ -105,6 +105,7 @@ def _build_parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("predict", help="top-3 classes for image files")
     pr.add_argument("checkpoint", metavar="CHECKPOINT")
     pr.add_argument("images", metavar="IMAGE", nargs="+")
+    pr.add_argument("--json", action="store_true", help="also print the result as one JSON line")
     return p
 
 
@@ -178,16 +179,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _dispatch_module("train", TRAINERS, args)
         if args.command == "sweep":
             return _dispatch_module("sweep", SWEEPS, args)
-        from cifarlab import inspect_cmd  # eval / predict
+        from cifarlab import inference  # eval / predict
 
-        return inspect_cmd.main(args)
+        return inference.main(args)
     except (UsageError, DataError) as e:
         if debug:
             raise
         print(f"cifarlab: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("cifarlab: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        print(f"cifarlab: interrupted{': ' + str(e) if str(e) else ''}", file=sys.stderr)
         return 130
 
 

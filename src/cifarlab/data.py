@@ -25,9 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-CLASSES: tuple[str, ...] = tuple(
-    "airplane automobile bird cat deer dog frog horse ship truck".split()
-)
+CLASSES: tuple[str, ...] = tuple("airplane automobile bird cat deer dog frog horse ship truck".split())
 
 URL = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"
 TARBALL = "cifar-10-binary.tar.gz"

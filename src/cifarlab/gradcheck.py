@@ -13,9 +13,7 @@ import numpy as np
 __all__ = ["check_module", "numerical_gradient", "rel_error"]
 
 
-def numerical_gradient(
-    f: Callable[[np.ndarray], float], x: np.ndarray, eps: float = 1e-6
-) -> np.ndarray:
+def numerical_gradient(f: Callable[[np.ndarray], float], x: np.ndarray, eps: float = 1e-6) -> np.ndarray:
     """Central-difference gradient of a scalar function, one element of x at a time.
 
     grad[i] = (f(x + eps·e_i) − f(x − eps·e_i)) / (2·eps)

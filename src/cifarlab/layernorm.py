@@ -38,9 +38,7 @@ __all__ = ["LayerNormAutograd", "LayerNormFunction", "LayerNormManual"]
 def _check_last_dim(x: torch.Tensor, n_neurons: int) -> None:
     """Raise ``ValueError`` unless ``x`` is at least 1-D with last dimension ``n_neurons``."""
     if x.dim() == 0:
-        raise ValueError(
-            f"LayerNorm expected an input of shape (..., {n_neurons}) but got a 0-d tensor"
-        )
+        raise ValueError(f"LayerNorm expected an input of shape (..., {n_neurons}) but got a 0-d tensor")
     if x.shape[-1] != n_neurons:
         raise ValueError(
             f"LayerNorm expected the input's last dimension to be n_neurons={n_neurons} "
@@ -104,8 +102,7 @@ class LayerNormFunction(torch.autograd.Function):
                 )
             if p.dtype != x.dtype:
                 raise TypeError(
-                    f"LayerNormFunction expected {name} of dtype {x.dtype} (the input's) "
-                    f"but got {p.dtype}"
+                    f"LayerNormFunction expected {name} of dtype {x.dtype} (the input's) but got {p.dtype}"
                 )
         mean = x.mean(-1, keepdim=True)
         xhat = torch.sub(x, mean)  # x − μ, the one fresh (..., M) buffer kept for backward

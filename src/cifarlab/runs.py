@@ -61,6 +61,36 @@ def versions() -> dict[str, str]:
     return out
 
 
+def training_summary(
+    run: RunDir,
+    steps: int,
+    batch_size: int,
+    epochs: float,
+    wall_seconds: float,
+    train_seconds: float,
+    trained_steps: int | None = None,
+) -> dict[str, Any]:
+    """The summary both trainers write: final and best test accuracy, time and throughput."""
+    last = run.read_metrics()[-1]
+    trained = steps if trained_steps is None else trained_steps
+    return {
+        "test_accuracy": last["test_acc"],
+        "test_loss": last["test_loss"],
+        "steps": steps,
+        "epochs": round(epochs, 3),
+        "wall_seconds": round(wall_seconds, 2),
+        "images_per_second": round(trained * batch_size / max(train_seconds, 1e-9), 1),
+    }
+
+
+def print_result(run: RunDir, summary: dict[str, Any]) -> None:
+    print(
+        f"test accuracy {summary['test_accuracy']:.4f} (best {summary['best_test_accuracy']:.4f}) "
+        f"after {summary['steps']} steps in {summary['wall_seconds']:.1f} s"
+    )
+    print(f"run directory: {run.path}   curves: {run.curves_path}")
+
+
 class RunDir:
     """A run directory. ``RunDir.create`` makes a new one; ``RunDir(path)`` opens one."""
 

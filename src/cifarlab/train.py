@@ -26,10 +26,10 @@ from safetensors.torch import load_file, save_file
 
 from cifarlab.data import PREPROCESSINGS, Batches, Preprocess, dataset_fingerprint, load_cifar10
 from cifarlab.errors import UsageError
-from cifarlab.runs import RunDir
+from cifarlab.runs import RunDir, print_result, training_summary
+from cifarlab.schedules import SCHEDULES, lr_at
 
 OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
-SCHEDULES = ("constant", "cosine", "onecycle", "linear")
 
 
 @dataclass
@@ -55,6 +55,9 @@ class TrainConfig:
     eval_batch_size: int = field(default=1000, metadata={"help": "no-grad evaluation batch"})
     channels_last: bool = field(default=False, metadata={"help": "NHWC memory format (faster convs on CPU)"})
     threads: int = field(default=0, metadata={"help": "torch threads (0: all cores)"})
+    log_grad_norms: bool = field(
+        default=False, metadata={"help": "log each weight's gradient norm per evaluation"}
+    )
 
     def validate(self) -> None:
         for name in ("learning_rate", "max_steps", "batch_size", "eval_freq", "eval_batch_size"):
@@ -68,22 +71,6 @@ class TrainConfig:
     def model_kwargs(self) -> dict[str, Any]:
         """Arguments for ``create_model``; recipes override."""
         return {}
-
-
-def lr_at(cfg: TrainConfig, step: int) -> float:
-    """Learning rate of step ``step`` (0-based): warm-up, then the schedule. Stateless, so
-    resuming needs no scheduler state."""
-    peak = cfg.learning_rate
-    if step < cfg.warmup_steps:
-        return peak * (step + 1) / cfg.warmup_steps
-    t = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)  # 0 -> 1
-    if cfg.schedule == "cosine":
-        return peak * 0.5 * (1 + math.cos(math.pi * t))
-    if cfg.schedule == "linear":
-        return peak * (1 - t)
-    if cfg.schedule == "onecycle":  # triangle: up over the first 25%, down to 0 after
-        return peak * (t / 0.25 if t < 0.25 else (1 - t) / 0.75)
-    return peak
 
 
 def make_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -125,6 +112,13 @@ def evaluate(
     model.train(was_training)
     pred = np.concatenate(preds)
     return {"loss": loss_sum / len(x), "acc": float((pred == y).mean()), "pred": pred}
+
+
+def grad_norms(model: torch.nn.Module) -> dict[str, float]:
+    """L2 norm of the gradient of every weight matrix/kernel (biases and norms skipped)."""
+    return {
+        n: float(p.grad.norm()) for n, p in model.named_parameters() if p.grad is not None and p.ndim >= 2
+    }
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -347,6 +341,8 @@ def fit(
                     "seconds": round(time.perf_counter() - t0, 3),
                     "lr": lr,
                 }
+                if cfg.log_grad_norms:  # gradients of the step just taken are still in .grad
+                    record["grad_norms"] = grad_norms(model)
                 run.log(record)
                 loss_sum.zero_()
                 correct.zero_()
@@ -366,18 +362,16 @@ def fit(
                 if stop.signum is not None:
                     raise KeyboardInterrupt(f"stopped at step {done}; resume with --resume {run.path}")
                 return {"stopped_at": done}
-    wall = time.perf_counter() - t0
-    metrics = run.read_metrics()
-    n_train = (cfg.max_steps - start_step) * cfg.batch_size
-    summary = {
-        "test_accuracy": metrics[-1]["test_acc"],
-        "test_loss": metrics[-1]["test_loss"],
-        "steps": cfg.max_steps,
-        "epochs": round(batches.epoch_of(cfg.max_steps), 3),
-        "wall_seconds": round(wall, 2),
-        "images_per_second": round(n_train / max(state["train_seconds"], 1e-9), 1),
-        "resumed": resume,
-    }
+    summary = training_summary(
+        run,
+        cfg.max_steps,
+        cfg.batch_size,
+        batches.epoch_of(cfg.max_steps),
+        time.perf_counter() - t0,
+        state["train_seconds"],
+        cfg.max_steps - start_step,
+    )
+    summary["resumed"] = resume
     return run.finish(summary, title=f"{meta.get('model', '')} {run.path.name}")
 
 
@@ -419,9 +413,5 @@ def run_recipe(args: Any, cfg_cls: type[TrainConfig], presets: dict[str, dict], 
             }
         )
     summary = fit(net, cfg, run, data, meta, resume=bool(args.resume), progress=args.progress)
-    print(
-        f"test accuracy {summary['test_accuracy']:.4f} (best {summary['best_test_accuracy']:.4f}) "
-        f"after {summary['steps']} steps in {summary['wall_seconds']:.1f} s"
-    )
-    print(f"run directory: {run.path}   curves: {run.curves_path}")
+    print_result(run, summary)
     return 0

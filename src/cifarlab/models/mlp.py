@@ -68,9 +68,7 @@ class MLP(nn.Module):
     ) -> None:
         super().__init__()
         if activation not in ACTIVATIONS:
-            raise ValueError(
-                f"unknown activation {activation!r}; expected one of {sorted(ACTIVATIONS)}"
-            )
+            raise ValueError(f"unknown activation {activation!r}; expected one of {sorted(ACTIVATIONS)}")
         if norm not in NORMS:
             raise ValueError(f"unknown norm {norm!r}; expected one of {NORMS}")
         if not 0.0 <= dropout < 1.0:

@@ -96,9 +96,7 @@ def get_model_entry(name: str) -> ModelEntry:
         raise ValueError(f"unknown model {name!r}; known models: {known}") from None
 
 
-def create_model(
-    name: str, pretrained: bool = False, num_classes: int = 10, **kwargs: Any
-) -> nn.Module:
+def create_model(name: str, pretrained: bool = False, num_classes: int = 10, **kwargs: Any) -> nn.Module:
     """Build the registered model ``name``.
 
     Args:

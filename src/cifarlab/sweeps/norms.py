@@ -1,0 +1,135 @@
+"""``cifarlab sweep norms``: no normalisation vs BatchNorm vs our LayerNorm, across batch sizes.
+
+MLP 500,300 (ELU), Adam with lr 1e-3·sqrt(B/200) (square-root scaling), every run sees the
+same number of training images (2 epochs), batch sizes 2, 8, 32, 200. BatchNorm's train/eval
+gap: test accuracy with running statistics (eval mode, what is deployed) vs with the
+statistics of test batches of the training batch size (train mode, what training saw).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+import numpy as np
+
+from cifarlab.sweeps.common import Job, add_sweep_args, mean_std, run_jobs, write_text
+
+NORMS = ("none", "batch", "layer")
+BATCHES = (2, 8, 32, 200)
+IMAGES = 100_000  # training images per run
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_sweep_args(p, "norms", seeds=1)
+
+
+def batch_stat_accuracy(run, x_test: np.ndarray, y_test: np.ndarray, batch_size: int) -> float:
+    """Test accuracy in train mode: each test batch normalised by its own statistics."""
+    import torch
+
+    from cifarlab.models import create_model
+    from cifarlab.train import load_weights, to_tensor
+
+    weights, meta, prep = load_weights(run.checkpoint_dir)
+    model = create_model(meta["model"], **meta["model_kwargs"])
+    model.load_state_dict(weights)
+    model.train()
+    model.hidden.apply(lambda m: m.eval() if isinstance(m, torch.nn.Dropout) else None)
+    n = len(x_test) // batch_size * batch_size
+    correct = 0
+    with torch.no_grad():
+        for i in range(0, n, max(batch_size, 1)):
+            logits = model(to_tensor(x_test[i : i + batch_size], prep, False))
+            correct += int((logits.argmax(1).numpy() == y_test[i : i + batch_size]).sum())
+    return correct / n
+
+
+def main(args: argparse.Namespace) -> int:
+    from cifarlab.data import load_cifar10
+    from cifarlab.plots import plot_series
+
+    seeds = [42 + s for s in range(args.seeds)]
+    jobs = []
+    for norm in NORMS:
+        for b in BATCHES:
+            steps = IMAGES // b
+            lr = 1e-3 * math.sqrt(b / 200)
+            for s in seeds:
+                argv = [
+                    "mlp",
+                    "--norm",
+                    norm,
+                    "--dnn-hidden-units",
+                    "500,300",
+                    "--optimizer",
+                    "adam",
+                    "--learning-rate",
+                    f"{lr:.3g}",
+                    "--batch-size",
+                    str(b),
+                    "--max-steps",
+                    str(steps),
+                    "--eval-freq",
+                    str(max(1, steps // 10)),
+                    "--seed",
+                    str(s),
+                ]
+                jobs.append(Job(f"{norm}-b{b}-seed{s}", argv))
+    runs = run_jobs(jobs, args)
+    _, _, x_test, y_test = load_cifar10(args.data_dir, verify=args.verify)
+
+    acc = {
+        (n, b): [runs[f"{n}-b{b}-seed{s}"].read_summary()["test_accuracy"] for s in seeds]
+        for n in NORMS
+        for b in BATCHES
+    }
+    wall = {
+        (n, b): np.mean([runs[f"{n}-b{b}-seed{s}"].read_summary()["wall_seconds"] for s in seeds])
+        for n in NORMS
+        for b in BATCHES
+    }
+    gap = {
+        b: [batch_stat_accuracy(runs[f"batch-b{b}-seed{s}"], x_test, y_test, b) for s in seeds]
+        for b in BATCHES
+    }
+    head = " | ".join(f"B={b}" for b in BATCHES)
+    lines = [
+        "# LayerNorm vs BatchNorm vs none, across batch sizes",
+        "",
+        f"Command: `cifarlab sweep norms --seeds {args.seeds}`. MLP 500,300 ELU, Adam lr 1e-3·sqrt(B/200), "
+        f"{IMAGES // 1000}k training images per run (2 epochs), seed preprocessing; {args.seeds} seed(s) per cell. "
+        f"LayerNorm is `cifarlab.layernorm.LayerNormManual` (hand-written backward). Run directories: `{args.out_root}/`.",
+        "",
+        f"| final test accuracy | {head} |",
+        "|---|" + "---|" * len(BATCHES),
+    ]
+    for n in NORMS:
+        lines.append(f"| {n} | " + " | ".join(mean_std(acc[n, b]) for b in BATCHES) + " |")
+    lines.append(
+        "| BatchNorm, test batches normalised by their own statistics (train mode) | "
+        + " | ".join(mean_std(gap[b]) for b in BATCHES)
+        + " |"
+    )
+    lines.append(
+        "| BatchNorm train/eval gap (train mode − eval mode) | "
+        + " | ".join(f"{np.mean(gap[b]) - np.mean(acc['batch', b]):+.4f}" for b in BATCHES)
+        + " |"
+    )
+    lines += ["", f"| wall seconds per run | {head} |", "|---|" + "---|" * len(BATCHES)]
+    for n in NORMS:
+        lines.append(f"| {n} | " + " | ".join(f"{wall[n, b]:.1f}" for b in BATCHES) + " |")
+    series = {n: (list(BATCHES), [float(np.mean(acc[n, b])) for b in BATCHES]) for n in NORMS}
+    series["batch (train-mode stats)"] = (list(BATCHES), [float(np.mean(gap[b])) for b in BATCHES])
+    png = plot_series(
+        series,
+        Path(args.results) / "norms.png",
+        "batch size",
+        "test accuracy",
+        "normalisation vs batch size (same number of images)",
+    )
+    lines += ["", f"![norms vs batch size]({png.name})", ""]
+    write_text(Path(args.results) / "norms.md", "\n".join(lines))
+    print("\n".join(lines))
+    return 0

@@ -1,0 +1,92 @@
+"""``cifarlab sweep table1``: the seed's Table 1, seven PyTorch MLP configurations, re-run.
+
+Like the seed's code, every hidden Linear is followed by BatchNorm1d and ELU; batch 200,
+evaluation every 100 steps, the seed preprocessing. Each configuration runs ``--seeds`` times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+from pathlib import Path
+
+from cifarlab.plots import plot_series
+from cifarlab.sweeps.common import Job, add_sweep_args, mean_curve, mean_std, run_jobs, write_text
+
+# (hidden, optimizer, lr, steps, the seed's test accuracy): spec.md, Part 2
+CONFIGS = [
+    ("100", "sgd", 1e-3, 1400, 0.421),
+    ("100", "adam", 1e-3, 1400, 0.519),
+    ("100,100", "adam", 1e-3, 1400, 0.521),
+    ("100,100", "adam", 1e-3, 3000, 0.529),
+    ("500,300", "adam", 1e-3, 3000, 0.546),
+    ("500,300", "adam", 1e-2, 3000, 0.532),
+    ("500,300,100", "adam", 1e-3, 3000, 0.555),
+]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_sweep_args(p, "table1")
+    p.add_argument("--configs", default="1,2,3,4,5,6,7", help="which rows of Table 1 (default: all)")
+
+
+def main(args: argparse.Namespace) -> int:
+    rows = [int(c) for c in args.configs.split(",")]
+    jobs = []
+    for i in rows:
+        hidden, opt, lr, steps, _ = CONFIGS[i - 1]
+        for seed in range(args.seeds):
+            argv = [
+                "mlp",
+                "--dnn-hidden-units",
+                hidden,
+                "--optimizer",
+                opt,
+                "--learning-rate",
+                str(lr),
+                "--max-steps",
+                str(steps),
+                "--norm",
+                "batch",
+                "--seed",
+                str(42 + seed),
+            ]
+            jobs.append(Job(f"config{i}-seed{42 + seed}", argv))
+    runs = run_jobs(jobs, args)
+    lines = [
+        "# Table 1 — the seed's PyTorch MLP configurations, re-run",
+        "",
+        f"Command: `cifarlab sweep table1 --seeds {args.seeds}`"
+        + (f" --max-steps {args.max_steps}" if args.max_steps else "")
+        + ". Linear → BatchNorm1d → ELU per hidden layer (as the seed's code), batch 200, seed preprocessing;",
+        f"ours = final test accuracy, mean ± std over {args.seeds} seed(s) (42, 43, ...). Run directories: "
+        f"`{args.out_root}/`.",
+        "",
+        "| # | hidden | optimizer | lr | steps | seed's accuracy | ours | best during run | wall s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    series = {}
+    for i in rows:
+        hidden, opt, lr, steps, seed_acc = CONFIGS[i - 1]
+        rs = [runs[f"config{i}-seed{42 + s}"] for s in range(args.seeds)]
+        sums = [r.read_summary() for r in rs]
+        acc = [s["test_accuracy"] for s in sums]
+        best = [s["best_test_accuracy"] for s in sums]
+        wall = statistics.mean(s["wall_seconds"] for s in sums)
+        lines.append(
+            f"| {i} | {hidden} | {opt} | {lr:g} | {sums[0]['steps']} | {seed_acc:.3f} | {mean_std(acc)} "
+            f"| {mean_std(best)} | {wall:.1f} |"
+        )
+        series[f"{i}: {hidden} {opt} lr={lr:g}"] = mean_curve(rs)
+    png = plot_series(
+        series,
+        Path(args.results) / "table1.png",
+        "step",
+        "test accuracy",
+        "Table 1 configurations: test accuracy (mean over seeds)",
+    )
+    lines += ["", f"![test accuracy curves]({png.name})", ""]
+    md = write_text(Path(args.results) / "table1.md", "\n".join(lines))
+    print("\n".join(lines))
+    print(f"wrote {md} and {png}")
+    return 0
