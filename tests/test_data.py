@@ -15,6 +15,7 @@ import pytest
 
 from cifarlab import data
 from cifarlab.data import DataError
+from cifarlab.errors import UsageError
 
 # --------------------------------------------------------------------------- reading
 
@@ -318,7 +319,7 @@ def test_batches_are_seeded_and_stateless(synthetic):
 
 def test_batch_size_larger_than_set_is_refused(synthetic):
     x, y = data.load_cifar10(synthetic[0])[:2]
-    with pytest.raises(ValueError, match="batch size"):
+    with pytest.raises(UsageError, match="batch-size 1000 must be between 1 and the 100"):
         data.Batches(x, y, 1000)
 
 

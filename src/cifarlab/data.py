@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from cifarlab.errors import UsageError
+
 CLASSES: tuple[str, ...] = tuple("airplane automobile bird cat deer dog frog horse ship truck".split())
 
 URL = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"
@@ -427,7 +429,7 @@ class Batches:
         self, x: np.ndarray, y: np.ndarray, batch_size: int, seed: int = 0, augment: bool = False
     ) -> None:
         if not 0 < batch_size <= len(x):
-            raise ValueError(f"batch size {batch_size} must be between 1 and {len(x)}")
+            raise UsageError(f"--batch-size {batch_size} must be between 1 and the {len(x)} training images")
         self.x, self.y, self.batch_size, self.seed, self.augment = x, y, batch_size, seed, augment
         self.steps_per_epoch = len(x) // batch_size
         self._epoch, self._perm = -1, None

@@ -165,7 +165,7 @@ class ELU(Module):
     def forward(self, x: np.ndarray) -> np.ndarray:
         """Inputs: x, shape (S, D). Returns y, shape (S, D). Caches y."""
         # α(e^x − 1) on min(x, 0): exp never sees a positive number (no overflow), and the
-        # result is 0 where x > 0. In place: one new array, as fresh allocations cost page faults.
+        # result is 0 where x > 0. In place: one new array and few passes over memory.
         y = np.minimum(x, 0)
         np.expm1(y, out=y)
         if self.alpha != 1.0:

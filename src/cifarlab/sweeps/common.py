@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -32,6 +33,12 @@ def add_sweep_args(p: argparse.ArgumentParser, name: str, seeds: int = 3) -> Non
     p.add_argument("--results", default="results", help="where the table and plot go (default: %(default)s)")
     p.add_argument("--max-steps", type=int, help="override every run's steps (for a quick look)")
     p.add_argument(
+        "--extra",
+        default="",
+        metavar="FLAGS",
+        help="more flags for every run, e.g. --extra='--batch-size 64'",
+    )
+    p.add_argument(
         "--data-dir", metavar="DIR", help="CIFAR-10 folder (default: $CIFARLAB_DATA or ~/.cache/cifarlab)"
     )
     p.add_argument("--no-verify", dest="verify", action="store_false", help="skip the md5 check")
@@ -45,6 +52,7 @@ def run_jobs(jobs: list[Job], args: argparse.Namespace) -> dict[str, RunDir]:
         raise UsageError("--jobs and --seeds must be at least 1")
     root = Path(args.out_root)
     root.mkdir(parents=True, exist_ok=True)
+    Path(args.results).mkdir(parents=True, exist_ok=True)
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
     extra = ["--no-progress", "--threads", str(threads)]
     if args.data_dir:
@@ -53,6 +61,7 @@ def run_jobs(jobs: list[Job], args: argparse.Namespace) -> dict[str, RunDir]:
         extra.append("--no-verify")
     if args.max_steps:
         extra += ["--max-steps", str(args.max_steps)]
+    extra += shlex.split(args.extra)  # last: overrides the sweep's own flags
 
     def one(job: Job) -> str | None:
         out = root / job.name

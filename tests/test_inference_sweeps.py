@@ -1,0 +1,138 @@
+"""eval, predict and a tiny sweep, on checkpoints trained in the test."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from PIL import Image
+
+from cifarlab.cli import main
+
+
+@pytest.fixture
+def tiny_run(synthetic, tmp_path):
+    out = tmp_path / "run"
+    argv = [
+        "train",
+        "mlp",
+        "--data-dir",
+        str(synthetic[0]),
+        "--out",
+        str(out),
+        "--no-progress",
+        "--max-steps",
+        "3",
+        "--batch-size",
+        "20",
+        "--norm",
+        "batch",
+    ]
+    assert main(argv) == 0
+    return out
+
+
+def test_eval_writes_confusion_and_per_class(tiny_run, synthetic, capsys):
+    assert main(["eval", str(tiny_run), "--data-dir", str(synthetic[0])]) == 0
+    out = capsys.readouterr().out
+    assert "test accuracy" in out and "airplane" in out
+    report = json.loads((tiny_run / "eval.json").read_text())
+    assert sum(map(sum, report["confusion"])) == 20
+    assert report["test_accuracy"] == pytest.approx(
+        json.loads((tiny_run / "summary.json").read_text())["test_accuracy"]
+    )
+    assert (tiny_run / "confusion.png").stat().st_size > 1000
+
+
+def test_predict_any_image_and_refuse_non_image(tiny_run, tmp_path, capsys):
+    gray = tmp_path / "gray.png"
+    Image.new("L", (50, 40), 128).save(gray)
+    rgba = tmp_path / "big.png"
+    Image.new("RGBA", (300, 200), (10, 200, 30, 255)).save(rgba)
+    assert main(["predict", str(tiny_run / "checkpoint"), str(gray), str(rgba), "--json"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].startswith(str(gray)) and len(lines[0].split(",")) == 3
+    probs = json.loads(lines[-1])
+    assert len(probs[str(rgba)]) == 3 and sum(probs[str(rgba)].values()) <= 1.0 + 1e-6
+    bad = tmp_path / "notes.txt"
+    bad.write_text("not an image")
+    assert main(["predict", str(tiny_run), str(gray), str(bad)]) == 2
+    out, err = capsys.readouterr()
+    assert str(bad) in err and out == "" and err.count("\n") == 1
+
+
+def test_eval_of_convnet_and_numpy_checkpoints(synthetic, tmp_path, capsys):
+    conv = tmp_path / "conv"
+    assert (
+        main(
+            [
+                "train",
+                "convnet",
+                "--data-dir",
+                str(synthetic[0]),
+                "--out",
+                str(conv),
+                "--no-progress",
+                "--max-steps",
+                "1",
+                "--batch-size",
+                "4",
+                "--eval-batch-size",
+                "20",
+            ]
+        )
+        == 0
+    )
+    npy = tmp_path / "npy"
+    assert (
+        main(
+            [
+                "train",
+                "mlp-numpy",
+                "--data-dir",
+                str(synthetic[0]),
+                "--out",
+                str(npy),
+                "--no-progress",
+                "--max-steps",
+                "2",
+                "--batch-size",
+                "20",
+            ]
+        )
+        == 0
+    )
+    for run in (conv, npy):
+        assert main(["eval", str(run), "--data-dir", str(synthetic[0])]) == 0
+        acc = json.loads((run / "eval.json").read_text())["test_accuracy"]
+        assert acc == pytest.approx(json.loads((run / "summary.json").read_text())["test_accuracy"])
+    assert main(["eval", str(tmp_path / "missing")]) == 2
+
+
+def test_tiny_table1_sweep_writes_its_table(synthetic, tmp_path, capsys):
+    res = tmp_path / "results"
+    argv = [
+        "sweep",
+        "table1",
+        "--configs",
+        "1,2",
+        "--seeds",
+        "1",
+        "--max-steps",
+        "4",
+        "--data-dir",
+        str(synthetic[0]),
+        "--no-verify",
+        "--extra=--batch-size 20",
+        "--out-root",
+        str(tmp_path / "runs"),
+        "--results",
+        str(res),
+        "--jobs",
+        "2",
+    ]
+    assert main(argv) == 0
+    table = (res / "table1.md").read_text()
+    assert "| 1 | 100 | sgd | 0.001 | 4 | 0.421 |" in table and "| 2 | 100 | adam |" in table
+    assert "| 3 |" not in table and (res / "table1.png").is_file()
+    assert (tmp_path / "runs" / "config2-seed42" / "summary.json").is_file()

@@ -1,0 +1,77 @@
+"""The NumPy trainer end to end: the seed's flags, run directory, real-data learning."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from cifarlab.cli import main
+
+
+def test_mlp_numpy_cli_with_course_spellings(synthetic, tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = [
+        "train",
+        "mlp-numpy",
+        "--data-dir",
+        str(synthetic[0]),
+        "--out",
+        str(out),
+        "--no-progress",
+        "--dnn_hidden_units",
+        "8,6",
+        "--max_steps",
+        "6",
+        "--eval-freq",
+        "3",
+        "--batch_size",
+        "20",
+        "--learning_rate",
+        "1e-2",
+    ]
+    assert main(argv) == 0
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["train"]["dnn_hidden_units"] == [8, 6] and cfg["train"]["max_steps"] == 6
+    assert cfg["train"]["learning_rate"] == 1e-2 and cfg["train"]["init"] == "seed"
+    assert "torch" not in cfg["versions"]  # the NumPy path never imported torch
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [3, 6]
+    assert (out / "curves.png").is_file() and (out / "checkpoint" / "model.safetensors").is_file()
+    assert json.loads((out / "summary.json").read_text())["test_accuracy"] == metrics[-1]["test_acc"]
+
+
+def test_mlp_numpy_logistic_regression_and_bad_flags(synthetic, tmp_path, capsys):
+    base = [
+        "train",
+        "mlp-numpy",
+        "--data-dir",
+        str(synthetic[0]),
+        "--no-progress",
+        "--max-steps",
+        "2",
+        "--batch-size",
+        "20",
+    ]
+    assert main([*base, "--out", str(tmp_path / "a"), "--dnn-hidden-units", ""]) == 0
+    assert main([*base, "--out", str(tmp_path / "b"), "--dnn-hidden-units", "10,x"]) == 2
+    assert main([*base, "--out", str(tmp_path / "c"), "--learning-rate", "-1"]) == 2
+    assert "must be positive" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_numpy_mlp_learns_real_cifar10(real_data_dir, tmp_path):
+    out = tmp_path / "real"
+    argv = [
+        "train",
+        "mlp-numpy",
+        "--data-dir",
+        str(real_data_dir),
+        "--out",
+        str(out),
+        "--no-progress",
+        "--max-steps",
+        "300",
+    ]
+    assert main(argv) == 0
+    assert json.loads((out / "summary.json").read_text())["test_accuracy"] > 0.35
