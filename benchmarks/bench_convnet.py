@@ -126,9 +126,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"| {name} | {tr_ips:.1f} | {tr * 1e3:.0f} | {ev_ips:.1f} | {ev:.2f} |")
     if len(rows) == 2:
         (_, a_tr, _, a_ev, _), (_, b_tr, _, b_ev, _) = rows
-        print(
-            f"| speed-up {rows[1][0]}/{rows[0][0]} | {b_tr / a_tr:.2f}x | | {b_ev / a_ev:.2f}x | |"
-        )
+        print(f"| speed-up {rows[1][0]}/{rows[0][0]} | {b_tr / a_tr:.2f}x | | {b_ev / a_ev:.2f}x | |")
 
 
 if __name__ == "__main__":
