@@ -71,7 +71,9 @@ class LayerNormFunction(torch.autograd.Function):
         * dβ = 1ᵀ dY and dγ = 1ᵀ (dY ∘ X̂) — column sums written as matrix products;
         * dX = rstd · (dX̂ − mean(dX̂) − X̂ · mean(dX̂ ∘ X̂)) with the two row means obtained
           without forming dX̂: Σ_j dX̂ = dY γ and Σ_j dX̂∘X̂ = (dY∘X̂) γ (matrix–vector
-          products), then four in-place passes over one fresh buffer.
+          products); dX is then written over the dY∘X̂ buffer in three passes
+          (``addcmul(−mean(dX̂), dY, γ, out=buf)``, ``buf.addcmul_(X̂, −mean(dX̂∘X̂))``,
+          ``buf.mul_(rstd)``), so the backward pass allocates one ``(N, M)`` tensor.
         Work is skipped for every input whose ``ctx.needs_input_grad`` entry is False: no row
         statistics unless dX is needed, no column sums unless dγ/dβ are needed, and its
         gradient is returned as ``None``. ``eps`` never gets a gradient.
@@ -139,14 +141,15 @@ class LayerNormFunction(torch.autograd.Function):
         if need_gamma:  # dγ = Σ_batch dY ∘ X̂
             grad_gamma = torch.mm(ones, buf).view(m)
         if need_x:
-            # Row means of dX̂ = dY∘γ and of dX̂∘X̂ = (dY∘X̂)∘γ, as matrix-vector products.
-            mean_dxhat = torch.mv(dy, gamma).mul_(1.0 / m).unsqueeze_(1)  # (N, 1)
-            mean_dxhat_xhat = torch.mv(buf, gamma).mul_(1.0 / m).unsqueeze_(1)  # (N, 1)
-            # dX = rstd · (dX̂ − mean(dX̂) − X̂ · mean(dX̂∘X̂)), reusing buf for dX.
-            torch.mul(dy, gamma, out=buf)  # dX̂
-            buf.sub_(mean_dxhat)
-            buf.addcmul_(xh, mean_dxhat_xhat, value=-1.0)
-            buf.mul_(rstd.reshape(-1, 1))
+            # Minus the row means of dX̂ = dY∘γ and of dX̂∘X̂ = (dY∘X̂)∘γ, as (N, M) @ (M, 1)
+            # products with −γ/M (so dX̂ itself is never materialised on its own).
+            neg_gamma_m = torch.mul(gamma.view(m, 1), -1.0 / m)  # (M, 1)
+            neg_mean_dxhat = torch.mm(dy, neg_gamma_m)  # (N, 1)
+            neg_mean_dxhat_xhat = torch.mm(buf, neg_gamma_m)  # (N, 1)
+            # dX = rstd · (dX̂ − mean(dX̂) − X̂ · mean(dX̂∘X̂)), three passes over buf:
+            torch.addcmul(neg_mean_dxhat, dy, gamma, out=buf)  # dX̂ − mean(dX̂)
+            buf.addcmul_(xh, neg_mean_dxhat_xhat)  #   − X̂ · mean(dX̂∘X̂)
+            buf.mul_(rstd.reshape(-1, 1))  # · 1/σ̂
             grad_x = buf.view(xhat.shape)
         return grad_x, grad_gamma, grad_beta, None
 
