@@ -136,3 +136,26 @@ def test_tiny_table1_sweep_writes_its_table(synthetic, tmp_path, capsys):
     assert "| 1 | 100 | sgd | 0.001 | 4 | 0.421 |" in table and "| 2 | 100 | adam |" in table
     assert "| 3 |" not in table and (res / "table1.png").is_file()
     assert (tmp_path / "runs" / "config2-seed42" / "summary.json").is_file()
+
+
+def test_seeds_sweep_reports_mean_and_std(synthetic, tmp_path):
+    res = tmp_path / "results"
+    argv = [
+        "sweep",
+        "seeds",
+        "mlp-numpy",
+        "--seeds",
+        "2",
+        "--data-dir",
+        str(synthetic[0]),
+        "--no-verify",
+        "--extra=--batch-size 20 --max-steps 2",
+        "--out-root",
+        str(tmp_path / "runs"),
+        "--results",
+        str(res),
+    ]
+    assert main(argv) == 0
+    md = (res / "mlp-numpy-seeds.md").read_text()
+    assert "| 42 |" in md and "| 43 |" in md and "±" in md and (res / "mlp-numpy-seeds.png").is_file()
+    assert main([*argv[:-4], "--extra=--seed 3"]) == 2  # the sweep owns the seeds

@@ -25,6 +25,7 @@ SWEEPS: dict[str, tuple[str, str]] = {
     "table1": ("cifarlab.sweeps.table1", "the seed's Table 1: seven PyTorch MLP configurations"),
     "activations": ("cifarlab.sweeps.activations", "ELU vs Tanh vs ReLU, with gradient norms"),
     "norms": ("cifarlab.sweeps.norms", "no norm vs BatchNorm vs LayerNorm across batch sizes"),
+    "seeds": ("cifarlab.sweeps.seeds", "one recipe over several seeds: mean ± std"),
 }
 
 

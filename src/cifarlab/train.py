@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import shutil
 import signal
 import time
@@ -54,7 +53,7 @@ class TrainConfig:
     seed: int = field(default=42, metadata={"help": "seed of init, batches and augmentation"})
     eval_batch_size: int = field(default=1000, metadata={"help": "no-grad evaluation batch"})
     channels_last: bool = field(default=False, metadata={"help": "NHWC memory format (faster convs on CPU)"})
-    threads: int = field(default=0, metadata={"help": "torch threads (0: all cores)"})
+    threads: int = field(default=0, metadata={"help": "torch threads (0: $OMP_NUM_THREADS, else all cores)"})
     log_grad_norms: bool = field(
         default=False, metadata={"help": "log each weight's gradient norm per evaluation"}
     )
@@ -259,7 +258,8 @@ def fit(
     from tqdm import tqdm
 
     x_train, y_train, x_test, y_test = data
-    torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)  # else torch's default: OMP_NUM_THREADS or the cores
     prep = Preprocess.fit(cfg.preprocess, x_train)
     batches = Batches(x_train, y_train, cfg.batch_size, seed=cfg.seed, augment=cfg.augment)
     if cfg.channels_last:
@@ -330,7 +330,10 @@ def fit(
                         f"checkpoint is kept in {run.checkpoint_dir}. Try a lower --learning-rate "
                         "or --grad-clip 1.0"
                     )
+                t_eval = time.perf_counter()
                 ev = evaluate(model, x_test, y_test, prep, cfg.eval_batch_size, cfg.channels_last)
+                state["eval_seconds"] = state.get("eval_seconds", 0.0) + time.perf_counter() - t_eval
+                state["eval_images"] = state.get("eval_images", 0) + len(x_test)
                 record = {
                     "step": done,
                     "epoch": round(batches.epoch_of(done), 4),
@@ -370,6 +373,9 @@ def fit(
         time.perf_counter() - t0,
         state["train_seconds"],
         cfg.max_steps - start_step,
+    )
+    summary["eval_images_per_second"] = round(
+        state.get("eval_images", 0) / max(state.get("eval_seconds", 0), 1e-9), 1
     )
     summary["resumed"] = resume
     return run.finish(summary, title=f"{meta.get('model', '')} {run.path.name}")

@@ -54,7 +54,12 @@ def run_jobs(jobs: list[Job], args: argparse.Namespace) -> dict[str, RunDir]:
     root.mkdir(parents=True, exist_ok=True)
     Path(args.results).mkdir(parents=True, exist_ok=True)
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
-    extra = ["--no-progress", "--threads", str(threads)]
+    extra = ["--no-progress"]
+    # split the cores between parallel runs (torch and NumPy's BLAS both read these)
+    env = {
+        **os.environ,
+        **{v: str(threads) for v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")},
+    }
     if args.data_dir:
         extra += ["--data-dir", args.data_dir]
     if not args.verify:
@@ -72,7 +77,7 @@ def run_jobs(jobs: list[Job], args: argparse.Namespace) -> dict[str, RunDir]:
 
             shutil.rmtree(out)
         cmd = [sys.executable, "-m", "cifarlab", "train", *job.argv, *extra, "--out", str(out)]
-        r = subprocess.run(cmd, capture_output=True, text=True)
+        r = subprocess.run(cmd, capture_output=True, text=True, env=env)
         (root / f"{job.name}.log").write_text(" ".join(cmd) + "\n" + r.stdout + r.stderr)
         return None if r.returncode == 0 else f"{job.name}: {(r.stderr.strip().splitlines() or ['?'])[-1]}"
 
