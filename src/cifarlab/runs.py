@@ -51,13 +51,17 @@ def _jsonable(o: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
-def versions() -> dict[str, str]:
-    """Versions of Python and the libraries that decide a run's numbers."""
+def versions(libraries: tuple[str, ...] = ("numpy", "torch")) -> dict[str, str]:
+    """Versions of Python, cifarlab and the libraries that decide a run's numbers
+    (read from package metadata: nothing is imported)."""
+    from importlib.metadata import PackageNotFoundError, version
+
     out = {"python": sys.version.split()[0], "platform": platform.platform()}
-    for mod in ("cifarlab", "numpy", "torch"):
-        m = sys.modules.get(mod)  # only report what the run actually imported
-        if m is not None:
-            out[mod] = getattr(m, "__version__", "?")
+    for lib in ("cifarlab", *libraries):
+        try:
+            out[lib] = version(lib)
+        except PackageNotFoundError:
+            out[lib] = "not installed"
     return out
 
 
@@ -153,8 +157,8 @@ class RunDir:
         return self.path / "checkpoint"
 
     # -- writing ----------------------------------------------------------------------------
-    def write_config(self, config: dict[str, Any]) -> None:
-        atomic_write_json(self.config_path, {**config, "versions": versions()})
+    def write_config(self, config: dict[str, Any], libraries: tuple[str, ...] = ("numpy", "torch")) -> None:
+        atomic_write_json(self.config_path, {**config, "versions": versions(libraries)})
 
     def log(self, record: dict[str, Any]) -> None:
         """Append one evaluation record to metrics.jsonl (flushed: a crash keeps what was logged)."""

@@ -211,7 +211,8 @@ def main(args: argparse.Namespace) -> int:
             "model": "mlp-numpy",
             "train": dataclasses.asdict(cfg),
             "data": dataset_fingerprint(args.data_dir),
-        }
+        },
+        libraries=("numpy",),
     )
     summary = fit(cfg, run, data, progress=args.progress, started=started)
     print_result(run, summary)

@@ -29,19 +29,20 @@ class ConvNetConfig(TrainConfig):
         return {}
 
 
+# best: the same architecture in less time than the seed protocol (4000 steps at batch 32,
+# 4 evaluations): AdamW with a one-cycle schedule, label smoothing, standardised inputs. At
+# ~2.5 epochs the net is still underfitting, so no augmentation.
 PRESETS: dict[str, dict[str, Any]] = {
     "seed": {},
     "best": {
         "optimizer": "adamw",
         "learning_rate": 2e-3,
         "weight_decay": 0.05,
-        "batch_size": 64,
         "schedule": "onecycle",
-        "max_steps": 5000,
+        "max_steps": 4000,
+        "eval_freq": 1000,
         "label_smoothing": 0.1,
-        "augment": True,
         "preprocess": "standard",
-        "grad_clip": 2.0,
     },
 }
 
