@@ -151,3 +151,45 @@ def test_train_mlp_cli_end_to_end(synthetic, tmp_path, capsys):
     np.testing.assert_equal(
         main(["train", "mlp", "--resume", str(tmp_path / "nothing"), "--data-dir", str(synthetic[0])]), 2
     )
+
+
+def test_sigterm_writes_a_checkpoint_and_says_how_to_resume(synthetic, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "run"
+    cmd = [
+        sys.executable,
+        "-m",
+        "cifarlab",
+        "train",
+        "mlp",
+        "--data-dir",
+        str(synthetic[0]),
+        "--no-verify",
+        "--out",
+        str(out),
+        "--no-progress",
+        "--max-steps",
+        "1000000",
+        "--eval-freq",
+        "5",
+        "--batch-size",
+        "20",
+    ]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while not (out / "metrics.jsonl").is_file() and time.time() < deadline:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and f"--resume {out}" in err and "Traceback" not in err
+    state = json.loads(
+        __import__("safetensors")
+        .safe_open(str(out / "checkpoint" / "state.safetensors"), "pt")
+        .metadata()["state"]
+    )
+    assert state["step"] >= 5
+    assert not (out / "summary.json").exists()  # an interrupted run is not a finished one
