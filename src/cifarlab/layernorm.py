@@ -154,13 +154,10 @@ class LayerNormFunction(torch.autograd.Function):
         return grad_x, grad_gamma, grad_beta, None
 
 
-class LayerNormAutograd(nn.Module):
-    """Layer norm over the last dimension, written with differentiable ops (autograd backward).
-
-    Parameters ``weight`` (γ, initialised to ones) and ``bias`` (β, zeros), both of shape
-    ``(n_neurons,)``. Input ``(..., n_neurons)``; output of the same shape. Raises
-    ``ValueError`` when the input's last dimension is not ``n_neurons``.
-    """
+class _LayerNormModule(nn.Module):
+    """Parameters ``weight`` (γ, initialised to ones) and ``bias`` (β, zeros), both of shape
+    ``(n_neurons,)``, shared by the two modules below; input ``(..., n_neurons)``, output of the
+    same shape; ``ValueError`` when the input's last dimension is not ``n_neurons``."""
 
     def __init__(self, n_neurons: int, eps: float = 1e-5) -> None:
         super().__init__()
@@ -168,6 +165,13 @@ class LayerNormAutograd(nn.Module):
         self.eps = float(eps)
         self.weight = nn.Parameter(torch.ones(self.n_neurons))
         self.bias = nn.Parameter(torch.zeros(self.n_neurons))
+
+    def extra_repr(self) -> str:
+        return f"n_neurons={self.n_neurons}, eps={self.eps}"
+
+
+class LayerNormAutograd(_LayerNormModule):
+    """Layer norm over the last dimension, written with differentiable ops (autograd backward)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_last_dim(x, self.n_neurons)
@@ -177,28 +181,10 @@ class LayerNormAutograd(nn.Module):
         xhat = centred / torch.sqrt(var + self.eps)
         return self.weight * xhat + self.bias
 
-    def extra_repr(self) -> str:
-        return f"n_neurons={self.n_neurons}, eps={self.eps}"
 
-
-class LayerNormManual(nn.Module):
-    """Layer norm over the last dimension via :class:`LayerNormFunction` (hand-written backward).
-
-    Parameters ``weight`` (γ, initialised to ones) and ``bias`` (β, zeros), both of shape
-    ``(n_neurons,)``. Input ``(..., n_neurons)``; output of the same shape. Raises
-    ``ValueError`` when the input's last dimension is not ``n_neurons``.
-    """
-
-    def __init__(self, n_neurons: int, eps: float = 1e-5) -> None:
-        super().__init__()
-        self.n_neurons = int(n_neurons)
-        self.eps = float(eps)
-        self.weight = nn.Parameter(torch.ones(self.n_neurons))
-        self.bias = nn.Parameter(torch.zeros(self.n_neurons))
+class LayerNormManual(_LayerNormModule):
+    """Layer norm over the last dimension via :class:`LayerNormFunction` (hand-written backward)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_last_dim(x, self.n_neurons)
         return LayerNormFunction.apply(x, self.weight, self.bias, self.eps)
-
-    def extra_repr(self) -> str:
-        return f"n_neurons={self.n_neurons}, eps={self.eps}"
