@@ -121,10 +121,10 @@ class Linear(Module):
         """
         self._x = x
         W, b = self.params["weight"], self.params["bias"]
-        # Y = X Wᵀ, evaluated as (W Xᵀ)ᵀ. Same product, but OpenBLAS runs this orientation
-        # 3-7% faster on our shapes (it is the call PyTorch makes to its column-major BLAS).
-        # The result is a transposed (Fortran-ordered) view; NumPy handles that transparently.
-        y = (W @ x.T).T
+        # Y = X Wᵀ. Same product either way, but OpenBLAS (2 threads, this CPU) runs (W Xᵀ)ᵀ
+        # 3-8% faster for wide layers and X Wᵀ ~20% faster for narrow ones (3072 -> 100); see
+        # docs/benchmarks.md. (W Xᵀ)ᵀ is a Fortran-ordered view; NumPy handles that transparently.
+        y = x @ W.T if self.out_features < 512 else (W @ x.T).T
         y += b
         return y
 
