@@ -148,6 +148,8 @@ def test_train_mlp_cli_end_to_end(synthetic, tmp_path, capsys):
     assert main(argv) == 2  # refuses to overwrite the run
     assert (out / "summary.json").read_bytes() == before
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
+    assert main(["train", "mlp", "--resume", str(out), "--data-dir", str(synthetic[0])]) == 2  # finished
+    assert (out / "summary.json").read_bytes() == before
     np.testing.assert_equal(
         main(["train", "mlp", "--resume", str(tmp_path / "nothing"), "--data-dir", str(synthetic[0])]), 2
     )

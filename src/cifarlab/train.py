@@ -394,6 +394,8 @@ def run_recipe(args: Any, cfg_cls: type[TrainConfig], presets: dict[str, dict], 
         if args.out and Path(args.out) != Path(args.resume):
             raise UsageError("give either --out or --resume (a resumed run continues in its own directory)")
         run = RunDir.create(model, out=args.resume, resume=True)
+        if run.summary_path.is_file():
+            raise UsageError(f"{run.path} is a finished run (it has summary.json); nothing to resume")
         saved = run.read_config()
         names = {f.name for f in dataclasses.fields(cfg_cls)}
         cfg = cfg_cls(**{k: v for k, v in saved["train"].items() if k in names})
