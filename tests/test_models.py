@@ -375,3 +375,12 @@ def test_import_does_not_pull_trainer_or_data():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_mlp_norm_after_activation_is_the_seeds_order():
+    from cifarlab.models import MLP
+
+    default = MLP(12, [5], 3, norm="batch")
+    seed = MLP(12, [5], 3, norm="batch", norm_after_activation=True)
+    assert list(default.hidden[0]._modules) == ["linear", "norm", "act"]
+    assert list(seed.hidden[0]._modules) == ["linear", "act", "norm"]

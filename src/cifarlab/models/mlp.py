@@ -55,6 +55,7 @@ class MLP(nn.Module):
         norm: ``None``, ``'batch'`` (``BatchNorm1d``) or ``'layer'``
             (``cifarlab.layernorm.LayerNormManual``, falling back to ``nn.LayerNorm``).
         dropout: dropout probability after each hidden activation (0 disables it).
+        norm_after_activation: ``Linear -> activation -> norm`` instead (the seed's order).
     """
 
     def __init__(
@@ -65,6 +66,7 @@ class MLP(nn.Module):
         activation: str = "elu",
         norm: str | None = None,
         dropout: float = 0.0,
+        norm_after_activation: bool = False,
     ) -> None:
         super().__init__()
         if activation not in ACTIVATIONS:
@@ -79,15 +81,19 @@ class MLP(nn.Module):
         self.activation = activation
         self.norm = norm
         self.dropout = float(dropout)
+        self.norm_after_activation = bool(norm_after_activation)
 
         blocks = []
         width = self.n_inputs
         for h in self.n_hidden:
             layers: OrderedDict[str, nn.Module] = OrderedDict(linear=nn.Linear(width, h))
             norm_layer = _make_norm(norm, h)
+            if norm_after_activation:
+                layers["act"] = ACTIVATIONS[activation]()
             if norm_layer is not None:
                 layers["norm"] = norm_layer
-            layers["act"] = ACTIVATIONS[activation]()
+            if not norm_after_activation:
+                layers["act"] = ACTIVATIONS[activation]()
             if dropout > 0:
                 layers["dropout"] = nn.Dropout(dropout)
             blocks.append(nn.Sequential(layers))
@@ -114,6 +120,7 @@ def mlp(
     activation: str = "elu",
     norm: str | None = None,
     dropout: float = 0.0,
+    norm_after_activation: bool = False,
 ) -> MLP:
     """MLP on flattened images (default: one hidden layer of 100 ELU units)."""
-    return MLP(n_inputs, list(n_hidden), num_classes, activation, norm, dropout)
+    return MLP(n_inputs, list(n_hidden), num_classes, activation, norm, dropout, norm_after_activation)

@@ -27,6 +27,10 @@ class MLPConfig(TrainConfig):
         default="none", metadata={"help": "normalisation after each hidden Linear", "choices": NORMS}
     )
     dropout: float = field(default=0.0, metadata={"help": "dropout after each hidden block"})
+    norm_after_activation: bool = field(
+        default=False,
+        metadata={"help": "Linear -> activation -> norm (the seed's code) instead of norm first"},
+    )
 
     def model_kwargs(self) -> dict[str, Any]:
         return {
@@ -35,6 +39,7 @@ class MLPConfig(TrainConfig):
             "activation": self.activation,
             "norm": None if self.norm == "none" else self.norm,
             "dropout": self.dropout,
+            "norm_after_activation": self.norm_after_activation,
         }
 
 

@@ -1,6 +1,6 @@
 """``cifarlab sweep table1``: the seed's Table 1, seven PyTorch MLP configurations, re-run.
 
-Like the seed's code, every hidden Linear is followed by BatchNorm1d and ELU; batch 200,
+Like the seed's code, every hidden Linear is followed by ELU and then BatchNorm1d; batch 200,
 evaluation every 100 steps, the seed preprocessing. Each configuration runs ``--seeds`` times.
 """
 
@@ -48,6 +48,7 @@ def main(args: argparse.Namespace) -> int:
                 str(steps),
                 "--norm",
                 "batch",
+                "--norm-after-activation",
                 "--seed",
                 str(42 + seed),
             ]
@@ -58,7 +59,7 @@ def main(args: argparse.Namespace) -> int:
         "",
         f"Command: `cifarlab sweep table1 --seeds {args.seeds}`"
         + (f" --max-steps {args.max_steps}" if args.max_steps else "")
-        + ". Linear → BatchNorm1d → ELU per hidden layer (as the seed's code), batch 200, seed preprocessing;",
+        + ". Linear → ELU → BatchNorm1d per hidden layer (the seed's code), batch 200, seed preprocessing;",
         f"ours = final test accuracy, mean ± std over {args.seeds} seed(s) (42, 43, ...). Run directories: "
         f"`{args.out_root}/`.",
         "",
