@@ -28,6 +28,9 @@ CONFIGS = [
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_sweep_args(p, "table1")
     p.add_argument("--configs", default="1,2,3,4,5,6,7", help="which rows of Table 1 (default: all)")
+    p.add_argument(
+        "--bn-first", action="store_true", help="Linear -> BatchNorm -> ELU instead of the seed's order"
+    )
 
 
 def main(args: argparse.Namespace) -> int:
@@ -48,10 +51,11 @@ def main(args: argparse.Namespace) -> int:
                 str(steps),
                 "--norm",
                 "batch",
-                "--norm-after-activation",
                 "--seed",
                 str(42 + seed),
             ]
+            if not args.bn_first:
+                argv.append("--norm-after-activation")
             jobs.append(Job(f"config{i}-seed{42 + seed}", argv))
     runs = run_jobs(jobs, args)
     lines = [
@@ -59,7 +63,12 @@ def main(args: argparse.Namespace) -> int:
         "",
         f"Command: `cifarlab sweep table1 --seeds {args.seeds}`"
         + (f" --max-steps {args.max_steps}" if args.max_steps else "")
-        + ". Linear → ELU → BatchNorm1d per hidden layer (the seed's code), batch 200, seed preprocessing;",
+        + (
+            " --bn-first. Linear → BatchNorm1d → ELU"
+            if args.bn_first
+            else ". Linear → ELU → BatchNorm1d (the seed's code)"
+        )
+        + " per hidden layer, batch 200, seed preprocessing;",
         f"ours = final test accuracy, mean ± std over {args.seeds} seed(s) (42, 43, ...). Run directories: "
         f"`{args.out_root}/`.",
         "",
