@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from cifarlab.data import PREPROCESSINGS, Batches, Preprocess, dataset_fingerprint, load_cifar10
 from cifarlab.errors import UsageError
@@ -191,17 +191,21 @@ def find_checkpoint(path: Path) -> Path:
     raise UsageError(f"no checkpoint in {path} (expected checkpoint/model.safetensors)")
 
 
-def load_weights(ckpt: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], Preprocess]:
-    """Weights, metadata and preprocessing of a checkpoint (safetensors: no code can run)."""
+def read_safetensors(f: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """All tensors and the metadata of one safetensors file, opened once (no code can run)."""
     from safetensors import safe_open
 
-    f = Path(ckpt) / "model.safetensors"
     try:
         with safe_open(str(f), framework="pt") as st:
-            meta = json.loads((st.metadata() or {}).get("cifarlab", "{}"))
-        weights = load_file(str(f))
+            return {k: st.get_tensor(k) for k in st.keys()}, st.metadata() or {}
     except Exception as e:  # corrupted or not a safetensors file
         raise UsageError(f"{f}: not a readable cifarlab checkpoint ({e})") from None
+
+
+def load_weights(ckpt: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], Preprocess]:
+    """Weights, metadata and preprocessing of a checkpoint."""
+    weights, md = read_safetensors(Path(ckpt) / "model.safetensors")
+    meta = json.loads(md.get("cifarlab", "{}"))
     prep = Preprocess(
         meta.get("preprocess", "seed"),
         weights.pop("__preprocess__.shift").numpy(),
@@ -267,16 +271,15 @@ def fit(
     opt = make_optimizer(cfg, model)
 
     # running sums since the last evaluation, kept as tensors: no host sync inside the loop
-    state = {"step": 0, "elapsed": 0.0, "train_seconds": 0.0, "loss_sum": 0.0, "correct": 0, "seen": 0}
+    state = {
+        "step": 0, "elapsed": 0.0, "train_seconds": 0.0, "loss_sum": 0.0, "correct": 0, "seen": 0,
+        "eval_seconds": 0.0, "eval_images": 0,
+    }  # fmt: skip
     if resume:
         ckpt = find_checkpoint(run.path)
         weights, _, _ = load_weights(ckpt)
         model.load_state_dict(weights)
-        tensors = load_file(str(ckpt / "state.safetensors"))
-        from safetensors import safe_open
-
-        with safe_open(str(ckpt / "state.safetensors"), framework="pt") as st:
-            md = st.metadata()
+        tensors, md = read_safetensors(ckpt / "state.safetensors")
         opt.load_state_dict(_unflatten_optimizer(tensors, json.loads(md["optimizer"])))
         torch.set_rng_state(tensors["rng.torch"])
         state.update(json.loads(md["state"]))
@@ -332,8 +335,8 @@ def fit(
                     )
                 t_eval = time.perf_counter()
                 ev = evaluate(model, x_test, y_test, prep, cfg.eval_batch_size, cfg.channels_last)
-                state["eval_seconds"] = state.get("eval_seconds", 0.0) + time.perf_counter() - t_eval
-                state["eval_images"] = state.get("eval_images", 0) + len(x_test)
+                state["eval_seconds"] += time.perf_counter() - t_eval
+                state["eval_images"] += len(x_test)
                 record = {
                     "step": done,
                     "epoch": round(batches.epoch_of(done), 4),
@@ -374,9 +377,7 @@ def fit(
         state["train_seconds"],
         cfg.max_steps - start_step,
     )
-    summary["eval_images_per_second"] = round(
-        state.get("eval_images", 0) / max(state.get("eval_seconds", 0), 1e-9), 1
-    )
+    summary["eval_images_per_second"] = round(state["eval_images"] / max(state["eval_seconds"], 1e-9), 1)
     summary["resumed"] = resume
     return run.finish(summary, title=f"{meta.get('model', '')} {run.path.name}")
 
