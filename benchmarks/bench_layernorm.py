@@ -3,7 +3,9 @@
 Compares, at each shape (N, M):
   * ``F.layer_norm``      — PyTorch's fused C++ kernel (the reference, ratio 1.00);
   * ``LayerNormAutograd`` — differentiable ops, backward derived by autograd;
-  * ``LayerNormManual``   — ``LayerNormFunction`` with the hand-written backward.
+  * ``LayerNormManual``   — ``LayerNormFunction`` with the hand-written backward, once on each
+    backend: ``eager`` (PyTorch tensor ops) and ``kernel`` (the same formulas fused per row in C,
+    ``src/cifarlab/kernels/layernorm.c``; the default when a C compiler is available).
 
 One step is ``y = f(x)`` then ``torch.autograd.grad(y, (x, weight, bias), dy)`` with ``x`` requiring
 grad and a fixed random upstream gradient ``dy`` (``autograd.grad`` so that no ``.grad``
@@ -31,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cifarlab import layernorm
 from cifarlab.layernorm import LayerNormAutograd, LayerNormManual
 
 
@@ -66,12 +69,26 @@ class FusedLayerNorm(nn.Module):
         return F.layer_norm(x, (x.shape[-1],), self.weight, self.bias, self.eps)
 
 
+class ManualOn(LayerNormManual):
+    """``LayerNormManual`` pinned to one backend of ``LayerNormFunction`` ('kernel' or 'eager')."""
+
+    def __init__(self, n_neurons: int, backend: str) -> None:
+        super().__init__(n_neurons)
+        self.backend = backend
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with layernorm.use_backend(self.backend):
+            return super().forward(x)
+
+
 def make_modules(m: int, dtype: torch.dtype, gen: torch.Generator) -> dict[str, nn.Module]:
     mods = {
         "F.layer_norm": FusedLayerNorm(m),
         "LayerNormAutograd": LayerNormAutograd(m),
-        "LayerNormManual": LayerNormManual(m),
+        "LayerNormManual (eager)": ManualOn(m, "eager"),
     }
+    if layernorm.active_backend() == "kernel":
+        mods["LayerNormManual (kernel)"] = ManualOn(m, "kernel")
     # Same non-trivial γ, β for all three (ones/zeros would let a kernel skip work).
     gamma = 1.0 + 0.1 * torch.randn(m, generator=gen, dtype=dtype)
     beta = 0.1 * torch.randn(m, generator=gen, dtype=dtype)
@@ -157,6 +174,9 @@ def bench_shape(shape: tuple[int, ...], args: argparse.Namespace) -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    backend = layernorm.active_backend()  # builds the C kernel on first use
+    print(f"LayerNormManual's default backend: {backend} (ready in {time.perf_counter() - t0:.2f} s)")
     shapes = [parse_shape(s) for s in args.shapes.split(",") if s]
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads "
@@ -178,8 +198,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             if r["ctx"] >= 0:
                 ctx_lines.append(
-                    f"{r['shape']}: LayerNormManual ctx.saved_tensors = {r['ctx'] / 2**20:.3f} MiB"
-                    " (X̂, rstd, γ)"
+                    f"{r['shape']}: {r['impl']} ctx.saved_tensors = {r['ctx'] / 2**20:.3f} MiB (X̂, rstd, γ)"
                 )
     print()
     print("\n".join(ctx_lines))
