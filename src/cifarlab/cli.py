@@ -20,6 +20,10 @@ TRAINERS: dict[str, tuple[str, str]] = {
     "mlp-numpy": ("cifarlab.numpy_nn.train", "MLP in pure NumPy with hand-written backprop"),
     "mlp": ("cifarlab.recipes.mlp", "PyTorch MLP (ELU/Tanh/ReLU, BatchNorm/LayerNorm, dropout)"),
     "convnet": ("cifarlab.recipes.convnet", "the spec's VGG13-like pre-activation ConvNet"),
+    "efficientnet_lite0": (
+        "cifarlab.recipes.transfer",
+        "transfer learning from ImageNet (EfficientNet-Lite0)",
+    ),
 }
 SWEEPS: dict[str, tuple[str, str]] = {
     "table1": ("cifarlab.sweeps.table1", "the seed's Table 1: seven PyTorch MLP configurations"),

@@ -49,7 +49,8 @@ def add_config_args(parser: argparse.ArgumentParser, cls: type, presets: dict[st
         default=next(iter(presets)),
         help="starting recipe; flags given override it (default: %(default)s)",
     )
-    group = parser.add_argument_group("settings (defaults are the seed preset's)")
+    first = next(iter(presets))  # the dataclass defaults are the first preset's
+    group = parser.add_argument_group(f"settings (defaults are the {first} preset's)")
     for f in dataclasses.fields(cls):
         if f.metadata.get("cli") is False:
             continue
@@ -60,7 +61,7 @@ def add_config_args(parser: argparse.ArgumentParser, cls: type, presets: dict[st
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         helptext = f.metadata.get("help", "")
         shown = ",".join(map(str, default)) if isinstance(default, list) else default
-        kw: dict[str, Any] = {"dest": f.name, "default": None, "help": f"{helptext} (seed: {shown})"}
+        kw: dict[str, Any] = {"dest": f.name, "default": None, "help": f"{helptext} ({first}: {shown})"}
         if tp is bool:
             kw["action"] = argparse.BooleanOptionalAction
         elif typing.get_origin(tp) is list:

