@@ -1,4 +1,4 @@
-"""Throughput of the pre-activation ConvNet on CPU: contiguous vs channels_last.
+"""Throughput of a conv model on CPU (the ConvNet by default): contiguous vs channels_last.
 
 Measures
   * train images/s: Adam (lr 1e-4), forward + cross-entropy + backward + step, per batch;
@@ -10,6 +10,8 @@ part of the timed step, as it would be in a training loop fed contiguous tensors
 timed alternately, step by step, so drifting background load on a shared machine hits both alike.
 
     python benchmarks/bench_convnet.py --steps 10 --eval-steps 3
+    python benchmarks/bench_convnet.py --model efficientnet_lite0 --model-arg image_size=64 \
+        --batch-size 64 --eval-batch 250 --steps 5
 """
 
 from __future__ import annotations
@@ -37,6 +39,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--model", default="convnet")
+    p.add_argument(
+        "--model-arg",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="keyword argument of create_model (int or float values), repeatable",
+    )
     p.add_argument("--formats", default="contiguous,channels_last", help="comma-separated")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
@@ -91,10 +100,14 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     formats = [f.strip() for f in args.formats.split(",") if f.strip()]
+    kwargs = {}
+    for item in args.model_arg:
+        key, _, value = item.partition("=")
+        kwargs[key] = float(value) if "." in value else int(value)
     models = {}
     for name in formats:
         torch.manual_seed(args.seed)
-        models[name] = create_model(args.model).to(memory_format=FORMATS[name])
+        models[name] = create_model(args.model, **kwargs).to(memory_format=FORMATS[name])
 
     train = _round_robin(
         {n: make_train_step(m, FORMATS[n], args.batch_size, args.lr) for n, m in models.items()},
@@ -115,7 +128,7 @@ def main(argv: list[str] | None = None) -> None:
 
     print()
     print(
-        f"torch {torch.__version__}, threads {torch.get_num_threads()}, model {args.model}, "
+        f"torch {torch.__version__}, threads {torch.get_num_threads()}, model {args.model} {kwargs}, "
         f"train batch {args.batch_size} x {args.steps} steps, "
         f"eval batch {args.eval_batch} x {args.eval_steps}; medians, formats interleaved"
     )

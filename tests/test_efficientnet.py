@@ -121,3 +121,33 @@ def test_train_eval_cli_on_synthetic_data(synthetic, tmp_path):
     assert main(["eval", str(run), "--data-dir", str(synthetic[0])]) == 0
     acc = json.loads((run / "eval.json").read_text())["test_accuracy"]
     assert acc == pytest.approx(json.loads((run / "summary.json").read_text())["test_accuracy"])
+
+
+@needs_weights
+@pytest.mark.slow
+def test_imagenet_features_beat_random_ones_on_real_cifar(real_data_dir):
+    """A linear probe on 1000 real training images: the ImageNet backbone's pooled features
+    must be far better than those of the same network with random weights (this catches a
+    wrong input normalisation, padding or layer order as much as a failed load)."""
+    from cifarlab.data import Preprocess, load_cifar10
+
+    x_train, y_train, x_test, y_test = load_cifar10(real_data_dir)
+    prep = Preprocess.fit("tf", x_train)
+    torch.manual_seed(0)
+    accs = {}
+    for pretrained in (True, False):
+        model = create_model("efficientnet_lite0", pretrained=pretrained, image_size=64).eval()
+        with torch.no_grad():
+            f_tr = model.features(torch.from_numpy(prep(x_train[:1000])))
+            f_te = model.features(torch.from_numpy(prep(x_test[:500])))
+        mu, sd = f_tr.mean(0), f_tr.std(0) + 1e-6
+        head = nn.Linear(1280, 10)
+        opt = torch.optim.Adam(head.parameters(), lr=1e-3, weight_decay=1e-4)
+        target = torch.from_numpy(y_train[:1000]).long()
+        for _ in range(200):
+            opt.zero_grad()
+            nn.functional.cross_entropy(head((f_tr - mu) / sd), target).backward()
+            opt.step()
+        pred = head((f_te - mu) / sd).argmax(1).numpy()
+        accs[pretrained] = float((pred == y_test[:500]).mean())
+    assert accs[True] > 0.6 and accs[True] > accs[False] + 0.2, accs

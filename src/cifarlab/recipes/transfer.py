@@ -9,8 +9,9 @@ linear probe on 4000 training images scores 0.820 with it against 0.747 with tor
 ImageNet mean/std).
 
 Presets:
-  * ``finetune`` (default): every layer trains; AdamW with one-cycle, label smoothing, crops
-    and flips.
+  * ``finetune`` (default): every layer trains, at 64×64; AdamW with one-cycle, label
+    smoothing, crops and flips.
+  * ``best``: the same at 96×96 (more accurate, twice the compute).
   * ``linear``: the backbone is frozen (BatchNorm statistics included) and only the head
     trains: the cheapest way to see what the ImageNet features are worth on CIFAR-10.
   * ``scratch``: the same network and recipe as ``finetune`` from random weights, the control
@@ -59,9 +60,20 @@ class TransferConfig(TrainConfig):
         }
 
 
+# finetune: 64 px, 4000 steps of 64 (5 epochs), ~19 min here. best: the same at 96 px for
+# 3000 steps (~30 min). linear: only the head, 2000 steps (the frozen backbone makes a step
+# ~3x cheaper). scratch: finetune from random weights, the control.
 PRESETS: dict[str, dict[str, Any]] = {
     "finetune": {},
-    "linear": {"freeze_backbone": True, "learning_rate": 3e-3, "weight_decay": 0.0, "label_smoothing": 0.0},
+    "best": {"image_size": 96, "max_steps": 3000},
+    "linear": {
+        "freeze_backbone": True,
+        "learning_rate": 3e-3,
+        "weight_decay": 0.0,
+        "label_smoothing": 0.0,
+        "max_steps": 2000,
+        "eval_freq": 500,
+    },
     "scratch": {"pretrained": False},
 }
 
