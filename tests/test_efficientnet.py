@@ -82,6 +82,14 @@ def test_missing_weights_package_says_how_to_install(monkeypatch):
         create_model("efficientnet_lite0", pretrained=True)
 
 
+def test_cli_without_weights_is_a_one_line_error(synthetic, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(eff.importlib.util, "find_spec", lambda name: None)
+    args = ["train", "efficientnet_lite0", "--data-dir", str(synthetic[0]), "--out", str(tmp_path / "r")]
+    assert main(args + ["--no-progress", "--max-steps", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "pip install 'cifarlab[pretrained]'" in err
+
+
 def test_weights_with_wrong_md5_are_never_loaded(tmp_path, monkeypatch):
     fake = tmp_path / "w.pth"
     torch.save({"_fc.weight": torch.zeros(1000, 1280)}, fake)

