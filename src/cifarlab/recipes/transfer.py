@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cifarlab.config import add_config_args
+from cifarlab.data import PREPROCESSINGS
+from cifarlab.schedules import SCHEDULES
 from cifarlab.train import TrainConfig, run_recipe
 
 MODEL = "efficientnet_lite0"
@@ -44,10 +46,13 @@ class TransferConfig(TrainConfig):
         default="adamw", metadata={"help": "optimizer", "choices": ("sgd", "momentum", "adam", "adamw")}
     )
     weight_decay: float = field(default=0.01, metadata={"help": "decoupled weight decay (adamw)"})
-    schedule: str = field(default="onecycle", metadata={"help": "LR schedule"})
+    schedule: str = field(default="onecycle", metadata={"help": "LR schedule", "choices": SCHEDULES})
     label_smoothing: float = field(default=0.1, metadata={"help": "label smoothing of the loss"})
     augment: bool = field(default=True, metadata={"help": "random crop (pad 4) + horizontal flip"})
-    preprocess: str = field(default="tf", metadata={"help": "input preprocessing"})
+    preprocess: str = field(
+        default="tf",
+        metadata={"help": "input preprocessing ([-1, 1], as the weights expect)", "choices": PREPROCESSINGS},
+    )
     eval_batch_size: int = field(default=500, metadata={"help": "no-grad evaluation batch"})
     channels_last: bool = field(default=True, metadata={"help": "NHWC memory format (faster convs on CPU)"})
 
