@@ -57,6 +57,7 @@ __all__ = [
 # "auto" (default): the kernel when it can be built, else eager.
 BACKENDS = ("auto", "kernel", "eager")
 _backend = os.environ.get("CIFARLAB_LAYERNORM", "auto")
+_NO_KERNEL = "the LayerNorm C kernel could not be built (is a C compiler installed?)"
 
 
 def set_backend(name: str) -> None:
@@ -69,7 +70,7 @@ def set_backend(name: str) -> None:
     if name not in BACKENDS:
         raise ValueError(f"unknown LayerNorm backend {name!r}; expected one of {BACKENDS}")
     if name == "kernel" and _load_kernel() is None:
-        raise RuntimeError("the LayerNorm C kernel could not be built (is a C compiler installed?)")
+        raise RuntimeError(_NO_KERNEL)
     _backend = name
 
 
@@ -106,11 +107,13 @@ _SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
 
 
 def _kernel_for(x: torch.Tensor) -> ctypes.CDLL | None:
+    """The loaded kernel if ``x`` should go through it, else None (eager)."""
     if _backend == "eager" or x.device.type != "cpu" or x.dtype not in _SUFFIX or x.numel() == 0:
         return None
-    if _backend == "kernel" and _load_kernel() is None:
-        raise RuntimeError("the LayerNorm C kernel could not be built (is a C compiler installed?)")
-    return _load_kernel()
+    lib = _load_kernel()
+    if lib is None and _backend == "kernel":
+        raise RuntimeError(_NO_KERNEL)
+    return lib
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:

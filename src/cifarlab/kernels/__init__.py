@@ -67,12 +67,10 @@ def load(name: str) -> ctypes.CDLL | None:
     cc = os.environ.get("CC", "cc")
     if not source.is_file() or shutil.which(cc) is None:
         return None
-    version = _compiler_version(cc)
+    identity = [source.read_text(), cc, _compiler_version(cc), _cpu_fingerprint()]
     errors = []
     for flags in _FLAG_SETS:
-        key = hashlib.sha256(
-            "\0".join([source.read_text(), cc, version, " ".join(flags), _cpu_fingerprint()]).encode()
-        ).hexdigest()[:16]
+        key = hashlib.sha256("\0".join([*identity, " ".join(flags)]).encode()).hexdigest()[:16]
         target = cache_dir() / f"{name}-{key}.so"
         try:
             if not target.is_file():

@@ -74,13 +74,15 @@ class SamePad(nn.Module):
         return F.pad(x, pads)
 
 
-def conv_bn(cin: int, cout: int, kernel: int, stride: int, groups: int = 1) -> list[nn.Module]:
-    """[pad,] conv (no bias), BN — the conv/BN pair every layer of the network is made of."""
-    same = stride == 1  # odd kernel, stride 1: symmetric padding is SAME
-    layers: list[nn.Module] = [] if same else [SamePad(kernel, stride)]
-    layers.append(nn.Conv2d(cin, cout, kernel, stride, kernel // 2 if same else 0, groups=groups, bias=False))
-    layers.append(nn.BatchNorm2d(cout, eps=BN_EPS))
-    return layers
+def conv_bn(
+    cin: int, cout: int, kernel: int, stride: int, groups: int = 1
+) -> tuple[nn.Conv2d, nn.BatchNorm2d]:
+    """Conv (no bias) and BN, the pair every layer of the network is made of. With stride 1 the
+    conv pads symmetrically (SAME for an odd kernel); with stride 2 it does not pad, and the
+    caller puts a :class:`SamePad` in front of it."""
+    padding = kernel // 2 if stride == 1 else 0
+    conv = nn.Conv2d(cin, cout, kernel, stride, padding, groups=groups, bias=False)
+    return conv, nn.BatchNorm2d(cout, eps=BN_EPS)
 
 
 class MBConv(nn.Module):
@@ -96,7 +98,7 @@ class MBConv(nn.Module):
         if expand != 1:
             self._expand_conv, self._bn0 = conv_bn(cin, mid, 1, 1)
         self.pad = nn.Identity() if stride == 1 else SamePad(kernel, stride)
-        *_, self._depthwise_conv, self._bn1 = conv_bn(mid, mid, kernel, stride, groups=mid)
+        self._depthwise_conv, self._bn1 = conv_bn(mid, mid, kernel, stride, groups=mid)
         self._project_conv, self._bn2 = conv_bn(mid, cout, 1, 1)
         self.residual = stride == 1 and cin == cout
 
@@ -133,7 +135,7 @@ class EfficientNetLite(nn.Module):
         self.image_size = image_size
         self.freeze_backbone = bool(freeze_backbone)
         self.stem_pad = SamePad(3, 2)
-        *_, self._conv_stem, self._bn0 = conv_bn(3, 32, 3, 2)
+        self._conv_stem, self._bn0 = conv_bn(3, 32, 3, 2)
         blocks, cin = [], 32
         for expand, kernel, stride, cout, repeats in LITE0_STAGES:
             for i in range(repeats):
