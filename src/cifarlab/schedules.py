@@ -21,6 +21,9 @@ def lr_at(cfg, step: int) -> float:
         return peak * 0.5 * (1 + math.cos(math.pi * t))
     if cfg.schedule == "linear":
         return peak * (1 - t)
-    if cfg.schedule == "onecycle":  # triangle: up over the first 25%, then down to 0
-        return peak * (t / 0.25 if t < 0.25 else (1 - t) / 0.75)
+    if cfg.schedule == "onecycle":  # triangle: up over the first 25%, then down towards 0
+        n = max(1, cfg.max_steps - cfg.warmup_steps)
+        up = max(1, round(0.25 * n))
+        s = step - cfg.warmup_steps  # neither the first nor the last step is spent at rate 0
+        return peak * ((s + 1) / up if s < up else (n - s) / max(1, n - up))
     return peak

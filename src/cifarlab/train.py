@@ -73,8 +73,14 @@ class TrainConfig:
 
 
 def make_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
-    params = model.parameters()
+    # no weight decay on biases and norm scales (ndim <= 1), as nanoGPT and timm do
+    trainable = [p for p in model.parameters() if p.requires_grad]
     lr, wd = cfg.learning_rate, cfg.weight_decay
+    params = [
+        {"params": [p for p in trainable if p.ndim >= 2], "weight_decay": wd},
+        {"params": [p for p in trainable if p.ndim <= 1], "weight_decay": 0.0},
+    ]
+    params = [g for g in params if g["params"]]
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=lr, weight_decay=wd)
     if cfg.optimizer == "momentum":
