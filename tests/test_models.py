@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from cifarlab import registry as registry_mod
 from cifarlab.models import (
     MLP,
     ConvNet,
@@ -17,7 +18,6 @@ from cifarlab.models import (
     list_models,
     register_model,
 )
-from cifarlab.models import registry as registry_mod
 
 # The layer table of the brief: name -> (kind, kernel, stride, padding, c_in, c_out, spatial out).
 TABLE = [
@@ -183,7 +183,7 @@ def test_forward_shape_and_finite(net, train):
 
 
 def test_num_classes_and_channels():
-    model = ConvNet(n_channels=1, n_classes=7).eval()
+    model = ConvNet(n_channels=1, num_classes=7).eval()
     with torch.no_grad():
         assert model(torch.randn(3, 1, 32, 32)).shape == (3, 7)
 
@@ -321,7 +321,7 @@ def test_create_model_every_registered_name(name, num_classes):
 
 def test_create_model_passes_kwargs():
     model = create_model("mlp", n_hidden=[], num_classes=4)
-    assert isinstance(model, MLP) and model.n_hidden == [] and model.n_classes == 4
+    assert isinstance(model, MLP) and model.n_hidden == [] and model.num_classes == 4
     model = create_model("mlp", n_hidden=[7, 5], activation="tanh", norm="batch")
     assert model.n_hidden == [7, 5] and isinstance(model.hidden[0].act, nn.Tanh)
     assert isinstance(create_model("convnet"), ConvNet)

@@ -13,18 +13,10 @@ import sys
 from collections.abc import Sequence
 
 from cifarlab import __version__
-from cifarlab.errors import UsageError
+from cifarlab.config import ArgumentParser as _Parser
+from cifarlab.config import add_data_args
+from cifarlab.errors import CifarlabError, UsageError
 
-# name -> (module, one-line description)
-TRAINERS: dict[str, tuple[str, str]] = {
-    "mlp-numpy": ("cifarlab.numpy_nn.train", "MLP in pure NumPy with hand-written backprop"),
-    "mlp": ("cifarlab.recipes.mlp", "PyTorch MLP (ELU/Tanh/ReLU, BatchNorm/LayerNorm, dropout)"),
-    "convnet": ("cifarlab.recipes.convnet", "the spec's VGG13-like pre-activation ConvNet"),
-    "efficientnet_lite0": (
-        "cifarlab.recipes.transfer",
-        "transfer learning from ImageNet (EfficientNet-Lite0)",
-    ),
-}
 SWEEPS: dict[str, tuple[str, str]] = {
     "table1": ("cifarlab.sweeps.table1", "the seed's Table 1: seven PyTorch MLP configurations"),
     "activations": ("cifarlab.sweeps.activations", "ELU vs Tanh vs ReLU, with gradient norms"),
@@ -33,37 +25,11 @@ SWEEPS: dict[str, tuple[str, str]] = {
 }
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse that raises instead of exiting, so every usage error is one line, exit 2."""
+def trainers() -> dict[str, str]:
+    """name -> description of every model ``cifarlab train`` knows (cifarlab.recipes)."""
+    from cifarlab.recipes import RECIPES
 
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise UsageError(f"{self.prog}: {message} (see --help)")
-
-
-def add_data_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--data-dir",
-        metavar="DIR",
-        help="folder holding cifar-10-batches-bin/ or cifar-10-batches-py/ "
-        "(default: $CIFARLAB_DATA, else ~/.cache/cifarlab; downloaded if absent)",
-    )
-    p.add_argument(
-        "--no-verify",
-        dest="verify",
-        action="store_false",
-        help="skip the md5 check of the data files (for a re-packed copy)",
-    )
-
-
-def add_run_args(p: argparse.ArgumentParser) -> None:
-    add_data_args(p)
-    p.add_argument(
-        "--out",
-        metavar="DIR",
-        help="run directory (default: runs/<model>-<YYYYmmdd-HHMMSS>); must be new or empty",
-    )
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    return {name: r.description for name, r in RECIPES.items()}
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -90,14 +56,18 @@ def _build_parser() -> argparse.ArgumentParser:
     add_data_args(i)
 
     for name, text, table in (
-        ("train", "train a model; writes a run directory", TRAINERS),
-        ("sweep", "run a family of experiments into results/", SWEEPS),
+        ("train", "train a model; writes a run directory", trainers()),
+        (
+            "sweep",
+            "run a family of experiments (tables and plots under runs/sweeps/)",
+            {k: d for k, (_, d) in SWEEPS.items()},
+        ),
     ):
         sp = sub.add_parser(
             name,
             help=text,
             add_help=False,
-            description=text + ". Available:\n" + "\n".join(f"  {k:12s} {d}" for k, (_, d) in table.items()),
+            description=text + ". Available:\n" + "\n".join(f"  {k:18s} {d}" for k, d in table.items()),
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         sp.add_argument("target", nargs="?", metavar="NAME", help=" | ".join(table))
@@ -114,21 +84,28 @@ def _build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _dispatch_module(kind: str, table: dict, args: argparse.Namespace) -> int:
+def _dispatch(kind: str, args: argparse.Namespace) -> int:
+    """``cifarlab train NAME ...`` / ``cifarlab sweep NAME ...``: NAME's own parser, then its main."""
+    table = trainers() if kind == "train" else {k: d for k, (_, d) in SWEEPS.items()}
     if args.target is None or args.target in ("-h", "--help"):
-        print(f"usage: cifarlab {kind} NAME [options]   (cifarlab {kind} NAME --help for its options)")
-        print("\n".join(f"  {k:12s} {d}" for k, (_, d) in table.items()))
-        return 0 if args.target else 2
+        print(f"usage: cifarlab {kind} NAME [options]   (cifarlab {kind} NAME --help for its options)\n")
+        print("\n".join(f"  {k:18s} {d}" for k, d in table.items()))
+        if args.target is None:
+            raise UsageError(f"cifarlab {kind}: choose one of: {', '.join(table)}")
+        return 0
     if args.target not in table:
         raise UsageError(f"unknown {kind} target {args.target!r}; choose one of: {', '.join(table)}")
-    module = importlib.import_module(table[args.target][0])
-    sp = _Parser(prog=f"cifarlab {kind} {args.target}", description=table[args.target][1])
+    sp = _Parser(prog=f"cifarlab {kind} {args.target}", description=table[args.target])
     if kind == "train":
-        add_run_args(sp)
+        from cifarlab import loop
+        from cifarlab.recipes import RECIPES
+
+        recipe = RECIPES[args.target]
+        loop.add_arguments(sp, recipe)
+        return loop.main(recipe, sp.parse_args(args.rest))
+    module = importlib.import_module(SWEEPS[args.target][0])
     module.add_arguments(sp)
-    sub_args = sp.parse_args(args.rest)
-    sub_args.debug = args.debug
-    return module.main(sub_args) or 0
+    return module.main(sp.parse_args(args.rest)) or 0
 
 
 def _data_command(args: argparse.Namespace) -> int:
@@ -170,7 +147,6 @@ def _data_command(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
-    from cifarlab.data import DataError
 
     try:
         parser = _build_parser()
@@ -180,17 +156,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         if args.command == "data":
             return _data_command(args)
-        if args.command == "train":
-            return _dispatch_module("train", TRAINERS, args)
-        if args.command == "sweep":
-            return _dispatch_module("sweep", SWEEPS, args)
+        if args.command in ("train", "sweep"):
+            return _dispatch(args.command, args)
         from cifarlab import inference  # eval / predict
 
         return inference.main(args)
-    except (UsageError, DataError) as e:
+    except (CifarlabError, OSError) as e:  # OSError: disk full, permissions... one line too
         if debug:
             raise
-        print(f"cifarlab: error: {e}", file=sys.stderr)
+        message = " ".join(str(e).split()) or type(e).__name__
+        print(f"cifarlab: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
         print(f"cifarlab: interrupted{': ' + str(e) if str(e) else ''}", file=sys.stderr)

@@ -1,22 +1,151 @@
-"""Config dataclasses <-> command-line flags, nanoGPT style.
+"""Training settings as one dataclass, and the command-line flags made from it (nanoGPT style).
 
-A trainer declares ``@dataclass class XConfig`` (defaults = the seed's) and a dict of
-presets (``{"seed": {}, "best": {...overrides}}``). ``add_config_args`` turns every field
-into a flag, spelled both ``--max-steps`` and ``--max_steps`` (the course's spelling);
-``config_from_args`` starts from the chosen preset and applies only the flags the user gave.
+``TrainConfig`` holds every knob of the training loop, shared by the NumPy and the torch
+trainers; a model's config subclasses it to add the model's own fields (``cifarlab.recipes``).
+Field metadata carries the flag's help, its choices and its valid range, so one ``validate``
+checks every config. No torch import: ``cifarlab train mlp-numpy`` must never load torch.
+
+``add_config_args`` turns every field into a flag, spelled both ``--max-steps`` and
+``--max_steps`` (the course's spelling); ``given_flags`` returns only the flags the user gave,
+which a preset's config then takes with ``dataclasses.replace``.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
+import os
 import types
 import typing
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from cifarlab.errors import UsageError
+from cifarlab.schedules import SCHEDULES
 
-T = TypeVar("T")
+PREPROCESSINGS = ("seed", "standard", "imagenet", "tf")  # see cifarlab.data.Preprocess
+OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
+ACTIVATIONS = ("elu", "relu", "tanh", "gelu")
+NUMPY_ACTIVATIONS = ("elu", "relu", "tanh")  # the NumPy MLP has no GELU
+NORMS = ("none", "batch", "layer")
+MAX_PARAMETER_BYTES = 4 << 30  # a model over 4 GiB of float32 parameters is refused
+
+C = TypeVar("C", bound="TrainConfig")
+
+
+def setting(
+    default: Any,
+    help: str,
+    *,
+    choices: tuple[str, ...] | None = None,
+    lo: float | None = None,
+    hi: float | None = None,
+    lo_open: bool = False,
+    hi_open: bool = False,
+    torch_only: bool = False,
+) -> Any:
+    """A config field: its default, flag help, choices and valid range [lo, hi] (open ends
+    with ``lo_open``/``hi_open``). ``torch_only`` fields are not flags of the NumPy trainer."""
+    meta = {"help": help, "choices": choices, "range": (lo, hi, lo_open, hi_open), "torch_only": torch_only}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of the training loop. Defaults are the seed's MLP protocol; a recipe's
+    presets (``cifarlab.recipes``) change them with ``dataclasses.replace``."""
+
+    learning_rate: float = setting(1e-3, "peak learning rate", lo=0, lo_open=True)
+    max_steps: int = setting(1400, "optimizer steps", lo=1, hi=10**9)
+    batch_size: int = setting(200, "training batch size", lo=1, hi=50_000)
+    eval_freq: int = setting(100, "evaluate on the whole test set every N steps", lo=1)
+    optimizer: str = setting("sgd", "optimizer", choices=OPTIMIZERS)
+    momentum: float = setting(0.9, "momentum of 'momentum' (Nesterov)", lo=0, hi=1, hi_open=True)
+    weight_decay: float = setting(0.0, "L2 (sgd/adam) or decoupled (adamw); never on biases/norms", lo=0)
+    schedule: str = setting("constant", "LR schedule", choices=SCHEDULES)
+    warmup_steps: int = setting(0, "linear warm-up steps", lo=0)
+    label_smoothing: float = setting(
+        0.0, "label smoothing of the loss", lo=0, hi=1, hi_open=True, torch_only=True
+    )
+    grad_clip: float = setting(0.0, "clip the gradient norm to this (0: off)", lo=0, torch_only=True)
+    augment: bool = setting(False, "random crop (pad 4) + horizontal flip")
+    preprocess: str = setting("seed", "input preprocessing", choices=PREPROCESSINGS)
+    seed: int = setting(42, "seed of init, batches and augmentation", lo=0, hi=2**32 - 1)
+    eval_batch_size: int = setting(1000, "no-grad evaluation batch", lo=1, hi=50_000)
+    channels_last: bool = setting(False, "NHWC memory format (faster convs on CPU)", torch_only=True)
+    threads: int = setting(
+        0, "torch threads (0: $OMP_NUM_THREADS, else all cores)", lo=0, hi=1024, torch_only=True
+    )
+    log_grad_norms: bool = setting(False, "log each weight's gradient norm per evaluation", torch_only=True)
+
+    def validate(self) -> None:
+        """Refuse any value outside its field's choices or range, as a one-line UsageError."""
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            value, meta = getattr(self, f.name), f.metadata
+            flag = "--" + f.name.replace("_", "-")
+            if not _has_type(value, _base_type(hints[f.name])):
+                raise UsageError(f"{flag} must be of type {_base_type(hints[f.name])}, got {value!r}")
+            if meta.get("choices") and value not in meta["choices"]:
+                raise UsageError(f"{flag} must be one of {', '.join(meta['choices'])}; got {value!r}")
+            lo, hi, lo_open, hi_open = meta.get("range", (None, None, False, False))
+            if lo is None and hi is None:
+                continue
+            if isinstance(value, float) and not math.isfinite(value):
+                raise UsageError(f"{flag} must be a finite number, got {value}")
+            if (lo is not None and (value < lo or (lo_open and value == lo))) or (
+                hi is not None and (value > hi or (hi_open and value == hi))
+            ):
+                raise UsageError(f"{flag} must be in {_interval(lo, hi, lo_open, hi_open)}, got {value}")
+        if self.warmup_steps > self.max_steps:
+            raise UsageError(
+                f"--warmup-steps must be at most --max-steps ({self.max_steps}), got {self.warmup_steps}"
+            )
+        if self.threads > 4 * (os.cpu_count() or 1):
+            raise UsageError(f"--threads {self.threads} is over 4x this machine's {os.cpu_count()} cores")
+        n = self.parameter_count()
+        if n is not None and 4 * n > MAX_PARAMETER_BYTES:
+            raise UsageError(
+                f"the model would have {n:,} parameters ({4 * n / 2**30:.1f} GiB as float32), over the "
+                f"{MAX_PARAMETER_BYTES >> 30} GiB limit; choose smaller layers"
+            )
+
+    def model_kwargs(self) -> dict[str, Any]:
+        """Arguments of ``create_model`` for this config's model (recipes override)."""
+        return {}
+
+    def parameter_count(self) -> int | None:
+        """The model's parameter count when it follows from the config alone (else None)."""
+        return None
+
+
+def _has_type(value: Any, tp: Any) -> bool:
+    if typing.get_origin(tp) is list:
+        return isinstance(value, list) and all(_has_type(v, int) for v in value)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, tp)
+
+
+def _interval(lo: float | None, hi: float | None, lo_open: bool, hi_open: bool) -> str:
+    left = "(" if lo_open or lo is None else "["
+    right = ")" if hi_open or hi is None else "]"
+    return f"{left}{'-inf' if lo is None else f'{lo:g}'}, {'inf' if hi is None else f'{hi:g}'}{right}"
+
+
+# --------------------------------------------------------------------------- flags
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that raises UsageError instead of exiting: every usage error is one line, exit 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(f"{message} (see `{self.prog} --help`)")
 
 
 def parse_int_list(text: str) -> list[int]:
@@ -36,60 +165,77 @@ def parse_int_list(text: str) -> list[int]:
 def _base_type(tp: Any) -> Any:
     """Strip ``X | None`` to X."""
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return args[0]
+        return next(a for a in typing.get_args(tp) if a is not type(None))
     return tp
 
 
-def add_config_args(parser: argparse.ArgumentParser, cls: type, presets: dict[str, dict]) -> None:
-    hints = typing.get_type_hints(cls)
+def config_fields(cls: type[TrainConfig], numpy: bool = False) -> list[dataclasses.Field]:
+    """The fields that are flags: all of them, less the torch-only ones for the NumPy trainer."""
+    return [f for f in dataclasses.fields(cls) if not (numpy and f.metadata.get("torch_only"))]
+
+
+def add_config_args(
+    parser: argparse.ArgumentParser, defaults: TrainConfig, presets: dict[str, dict], numpy: bool = False
+) -> None:
+    """One flag per field of ``defaults``' class; help shows ``defaults`` (the first preset)."""
+    first = next(iter(presets))
     parser.add_argument(
-        "--preset",
-        choices=sorted(presets),
-        default=next(iter(presets)),
-        help="starting recipe; flags given override it (default: %(default)s)",
+        "--preset", choices=list(presets), help=f"starting recipe; flags given override it (default: {first})"
     )
-    first = next(iter(presets))  # the dataclass defaults are the first preset's
-    group = parser.add_argument_group(f"settings (defaults are the {first} preset's)")
-    for f in dataclasses.fields(cls):
-        if f.metadata.get("cli") is False:
-            continue
+    group = parser.add_argument_group(f"settings (defaults shown are the {first} preset's)")
+    hints = typing.get_type_hints(type(defaults))
+    for f in config_fields(type(defaults), numpy):
         tp = _base_type(hints[f.name])
-        flags = [f"--{f.name.replace('_', '-')}"]
-        if "_" in f.name:
-            flags.append(f"--{f.name}")
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        helptext = f.metadata.get("help", "")
-        shown = ",".join(map(str, default)) if isinstance(default, list) else default
-        kw: dict[str, Any] = {"dest": f.name, "default": None, "help": f"{helptext} ({first}: {shown})"}
+        flags = [f"--{f.name.replace('_', '-')}"] + ([f"--{f.name}"] if "_" in f.name else [])
+        value = getattr(defaults, f.name)
+        shown = ",".join(map(str, value)) if isinstance(value, list) else value
+        kw: dict[str, Any] = {
+            "dest": f.name,
+            "default": None,
+            "help": f"{f.metadata['help']} ({first}: {shown})",
+        }
         if tp is bool:
             kw["action"] = argparse.BooleanOptionalAction
         elif typing.get_origin(tp) is list:
             kw["type"], kw["metavar"] = parse_int_list, "N,N,..."
         else:
             kw["type"] = tp
-            if "choices" in f.metadata:
+            if f.metadata.get("choices"):
                 kw["choices"] = f.metadata["choices"]
         group.add_argument(*flags, **kw)
 
 
-def config_from_args(cls: type[T], args: argparse.Namespace, presets: dict[str, dict]) -> T:
-    """The preset's config with every flag the user actually gave applied on top."""
-    values = dict(presets[args.preset])
-    for f in dataclasses.fields(cls):
-        given = getattr(args, f.name, None)
-        if given is not None:
-            values[f.name] = given
+def given_flags(cls: type[TrainConfig], args: argparse.Namespace) -> dict[str, Any]:
+    """The settings the user gave on the command line (flags left out are None)."""
+    return {
+        f.name: getattr(args, f.name)
+        for f in dataclasses.fields(cls)
+        if getattr(args, f.name, None) is not None
+    }
+
+
+def make_config(cls: type[C], base: dict[str, Any], overrides: dict[str, Any]) -> C:
+    """``cls()`` with a preset's values, then ``overrides``, applied by ``dataclasses.replace``;
+    validated."""
     try:
-        cfg = cls(**values)
-    except (TypeError, ValueError) as e:
-        raise UsageError(str(e)) from None
-    validate = getattr(cfg, "validate", None)
-    if validate:
-        validate()
+        cfg = dataclasses.replace(dataclasses.replace(cls(), **base), **overrides)
+    except TypeError as e:  # an unknown field name
+        raise UsageError(f"unknown setting for {cls.__name__}: {e}") from None
+    cfg.validate()
     return cfg
 
 
-def positive(name: str, value: float) -> None:
-    if not value > 0:
-        raise UsageError(f"--{name.replace('_', '-')} must be positive, got {value}")
+def add_data_args(p: argparse.ArgumentParser) -> None:
+    """--data-dir and --no-verify, for every command that reads CIFAR-10."""
+    p.add_argument(
+        "--data-dir",
+        metavar="DIR",
+        help="folder holding cifar-10-batches-bin/ or cifar-10-batches-py/ "
+        "(default: $CIFARLAB_DATA, else ~/.cache/cifarlab; downloaded if absent)",
+    )
+    p.add_argument(
+        "--no-verify",
+        dest="verify",
+        action="store_false",
+        help="skip the md5 check of the data files (for a re-packed copy)",
+    )

@@ -25,7 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from cifarlab.errors import UsageError
+from cifarlab.config import PREPROCESSINGS
+from cifarlab.errors import DataError, UsageError
 
 CLASSES: tuple[str, ...] = tuple("airplane automobile bird cat deer dog frog horse ship truck".split())
 
@@ -61,10 +62,6 @@ MD5: dict[str, dict[str, str]] = {
 }
 
 RECORD = 1 + 32 * 32 * 3  # one label byte + 3072 channel-major pixel bytes
-
-
-class DataError(Exception):
-    """A CIFAR-10 file is missing, truncated, corrupted or malformed (the message names it)."""
 
 
 # --------------------------------------------------------------------------- locate
@@ -352,7 +349,6 @@ def channel_stats(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 # --------------------------------------------------------------------------- preprocessing
 
-PREPROCESSINGS = ("seed", "standard", "imagenet", "tf")
 # What ImageNet-pretrained weights were trained on: RGB in 0..1, minus this mean, over this std.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

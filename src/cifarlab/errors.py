@@ -1,5 +1,30 @@
-"""Errors the CLI turns into one line on stderr and exit status 2."""
+"""Every error cifarlab expects is a ``CifarlabError``: ``cli.main`` prints its message as one
+line on stderr and exits with status 2 (``--debug`` shows the traceback instead)."""
 
 
-class UsageError(Exception):
-    """The user asked for something that cannot be done as asked (the message says how to fix it)."""
+class CifarlabError(Exception):
+    """A request that cannot be done as asked; the message says what was wrong and how to fix it."""
+
+
+class UsageError(CifarlabError):
+    """A flag, path or combination of options is invalid."""
+
+
+class DataError(CifarlabError):
+    """A CIFAR-10 file is missing, truncated, corrupted or malformed (the message names it)."""
+
+
+class CheckpointError(CifarlabError):
+    """A checkpoint or run directory is missing, damaged or not one of cifarlab's."""
+
+
+class WeightsError(CifarlabError):
+    """Pretrained weights are missing or do not match the model."""
+
+
+class TrainingDiverged(CifarlabError):
+    """The loss became NaN/inf; the last good checkpoint is kept."""
+
+
+class RunLocked(CifarlabError):
+    """Another live process is writing the same run directory."""

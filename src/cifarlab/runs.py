@@ -5,7 +5,8 @@ runs/<model>-<YYYYmmdd-HHMMSS>/    (or --out DIR)
   metrics.jsonl   one JSON line per evaluation
   summary.json    test_accuracy (final), best_test_accuracy, steps, wall_seconds, ...
   curves.png      loss and accuracy vs step, train and test
-  checkpoint/     weights (safetensors) + trainer state, written by the trainer
+  checkpoint/     weights (safetensors) + trainer state (cifarlab.checkpoints)
+  .lock           the pid of the one process writing it (train / --resume), while it runs
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cifarlab.errors import UsageError
+from cifarlab.errors import CheckpointError, RunLocked, UsageError
 
 METRIC_KEYS = ("step", "epoch", "train_loss", "train_acc", "test_loss", "test_acc", "seconds")
 
@@ -65,6 +66,34 @@ def versions(libraries: tuple[str, ...] = ("numpy", "torch")) -> dict[str, str]:
     return out
 
 
+def machine(threads: int | None = None) -> dict[str, Any]:
+    """The machine a run's times belong to: CPU model, cores, threads used and the instruction
+    sets that decide speed (read from /proc/cpuinfo on Linux; "unknown" elsewhere)."""
+    model, flags = platform.processor() or "unknown", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and model in ("unknown", platform.processor()):
+                model = value.strip()
+            elif key.strip() == "flags" and not flags:
+                flags = set(value.split())
+    except OSError:
+        pass
+    isa = {
+        "avx2": "avx2" in flags,
+        "avx512": "avx512f" in flags,
+        "avx512_bf16": "avx512_bf16" in flags,
+        "amx": bool({"amx_bf16", "amx_tile"} & flags),
+    }
+    return {
+        "cpu": model,
+        "machine": platform.machine(),
+        "cores": os.cpu_count(),
+        "threads": threads,
+        **({"isa": isa} if flags else {}),
+    }
+
+
 def training_summary(
     run: RunDir,
     steps: int,
@@ -100,40 +129,92 @@ class RunDir:
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
+        self.created = False  # made by this process (so a failed start may remove it)
 
     # -- creation ---------------------------------------------------------------------------
     @classmethod
     def create(
-        cls,
-        model: str,
-        out: str | os.PathLike | None = None,
-        resume: bool = False,
-        root: str | os.PathLike = "runs",
+        cls, model: str, out: str | os.PathLike | None = None, root: str | os.PathLike = "runs"
     ) -> RunDir:
-        """``out`` if given (refused when non-empty unless ``resume``), else a fresh
+        """A new run directory: ``out`` if given (it must be new or empty), else a fresh
         ``<root>/<model>-<YYYYmmdd-HHMMSS>`` (suffixed ``-2``, ``-3``... if taken)."""
         if out is not None:
-            path = Path(out)
-            if path.exists() and not path.is_dir():
-                raise UsageError(f"--out {path} exists and is not a directory")
-            if resume:
-                if not (path / "config.json").is_file():
-                    raise UsageError(f"cannot resume {path}: it has no config.json (not a run directory)")
-            elif path.is_dir() and any(path.iterdir()):
-                raise UsageError(
-                    f"--out {path} exists and is not empty; choose a new directory or pass --resume {path}"
-                )
-            path.mkdir(parents=True, exist_ok=True)
-            return cls(path)
+            path = cls.check_new(out)
+            existed = path.is_dir()
+            try:
+                path.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise UsageError(f"--out {path}: cannot create it ({e.strerror})") from None
+            run = cls(path)
+            run.created = not existed
+            return run
+        check_writable_dir(Path(root), "runs folder")
         base = Path(root) / f"{model}-{time.strftime('%Y%m%d-%H%M%S')}"
         path, k = base, 1
         while True:
             try:
                 path.mkdir(parents=True)
-                return cls(path)
+                run = cls(path)
+                run.created = True
+                return run
             except FileExistsError:
                 k += 1
                 path = base.with_name(f"{base.name}-{k}")
+            except OSError as e:
+                raise UsageError(f"cannot create {path} ({e.strerror})") from None
+
+    @staticmethod
+    def check_new(out: str | os.PathLike) -> Path:
+        """Refuse an ``--out`` that is a file, lies under a file, or is a non-empty directory."""
+        path = Path(out)
+        check_writable_dir(path, "--out")
+        if path.is_dir() and any(path.iterdir()):
+            raise UsageError(
+                f"--out {path} exists and is not empty; choose a new directory or pass --resume {path}"
+            )
+        return path
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> RunDir:
+        """An existing run directory (one with a readable config.json), e.g. to resume."""
+        run = cls(path)
+        if not run.path.is_dir():
+            raise UsageError(f"{run.path} is not a run directory (it does not exist or is a file)")
+        if not run.config_path.is_file():
+            raise UsageError(f"{run.path} has no config.json: not a run directory")
+        config = run.read_config()
+        if not isinstance(config, dict) or not isinstance(config.get("train"), dict):
+            raise CheckpointError(f"{run.config_path} is damaged (no 'train' settings); start a new run")
+        return run
+
+    # -- one writer -------------------------------------------------------------------------
+    @property
+    def lock_path(self) -> Path:
+        return self.path / ".lock"
+
+    def lock(self) -> None:
+        """Take the run directory for this process; a live holder makes it a RunLocked error,
+        a dead one's lock (its pid gone) is taken over."""
+        me = str(os.getpid()).encode()
+        for _ in range(3):
+            try:
+                fd = os.open(self.lock_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = _lock_holder(self.lock_path)
+                if holder is not None and holder != os.getpid() and _alive(holder):
+                    raise RunLocked(
+                        f"{self.path} is being written by process {holder}; wait for it or stop it first"
+                    ) from None
+                self.lock_path.unlink(missing_ok=True)  # stale: its process is gone
+                continue
+            with os.fdopen(fd, "wb") as f:
+                f.write(me)
+            return
+        raise RunLocked(f"could not take the lock {self.lock_path}")
+
+    def unlock(self) -> None:
+        if _lock_holder(self.lock_path) == os.getpid():
+            self.lock_path.unlink(missing_ok=True)
 
     # -- paths ------------------------------------------------------------------------------
     @property
@@ -159,6 +240,20 @@ class RunDir:
     # -- writing ----------------------------------------------------------------------------
     def write_config(self, config: dict[str, Any], libraries: tuple[str, ...] = ("numpy", "torch")) -> None:
         atomic_write_json(self.config_path, {**config, "versions": versions(libraries)})
+
+    def remove_if_unstarted(self) -> None:
+        """Delete this directory if no training step was checkpointed in it (a failed start
+        leaves nothing behind); only the files a start writes are removed."""
+        if self.checkpoint_dir.exists() or self.metrics_path.exists() or self.summary_path.exists():
+            return
+        for name in ("config.json", ".lock"):
+            (self.path / name).unlink(missing_ok=True)
+        if not self.created:
+            return
+        try:
+            self.path.rmdir()
+        except OSError:  # something else is in it: leave it
+            pass
 
     def log(self, record: dict[str, Any]) -> None:
         """Append one evaluation record to metrics.jsonl (flushed: a crash keeps what was logged)."""
@@ -203,10 +298,37 @@ class RunDir:
         return out
 
 
+def check_writable_dir(path: Path, what: str) -> None:
+    """Refuse a directory path that is a file or lies under a file, before anything is written."""
+    for p in (path, *path.parents):
+        if p.exists():
+            if not p.is_dir():
+                where = "is" if p == path else f"lies under {p}, which is"
+                raise UsageError(f"{what} {path} {where} a file, not a directory")
+            return
+
+
+def _lock_holder(path: Path) -> int | None:
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
 def _read_json(path: Path) -> dict[str, Any]:
     try:
         return json.loads(Path(path).read_text())
     except FileNotFoundError:
         raise UsageError(f"{path} does not exist (is this a run directory?)") from None
-    except json.JSONDecodeError as e:
-        raise UsageError(f"{path}: not valid JSON ({e})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: damaged, not valid JSON ({e})") from None

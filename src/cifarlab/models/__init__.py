@@ -12,7 +12,7 @@ the trainer or data modules.
 from cifarlab.models.convnet import ConvNet, PreActBlock
 from cifarlab.models.efficientnet import EfficientNetLite
 from cifarlab.models.mlp import MLP
-from cifarlab.models.registry import (
+from cifarlab.registry import (
     ModelEntry,
     create_model,
     get_model_entry,

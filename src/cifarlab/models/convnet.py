@@ -35,7 +35,7 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from cifarlab.models.registry import register_model
+from cifarlab.registry import register_model
 
 __all__ = ["ConvNet", "PreActBlock", "convnet"]
 
@@ -59,14 +59,14 @@ def _pool() -> nn.MaxPool2d:
 
 
 class ConvNet(nn.Sequential):
-    """The pre-activation ConvNet of the module docstring; returns logits ``(N, n_classes)``.
+    """The pre-activation ConvNet of the module docstring; returns logits ``(N, num_classes)``.
 
     It is an ``nn.Sequential`` whose children are named after the layer table, so
     ``model.conv0``, ``model.preact2_b``, ``model.maxpool5``, ``model.bn``, ``model.linear``
     etc. are the table's rows, in order.
     """
 
-    def __init__(self, n_channels: int = 3, n_classes: int = 10) -> None:
+    def __init__(self, n_channels: int = 3, num_classes: int = 10) -> None:
         layers: OrderedDict[str, nn.Module] = OrderedDict(
             conv0=nn.Conv2d(n_channels, 64, kernel_size=3, stride=1, padding=1),
             preact1=PreActBlock(64),
@@ -89,14 +89,14 @@ class ConvNet(nn.Sequential):
             bn=nn.BatchNorm2d(512),
             relu=nn.ReLU(inplace=True),
             flatten=nn.Flatten(1),
-            linear=nn.Linear(512, n_classes),
+            linear=nn.Linear(512, num_classes),
         )
         super().__init__(layers)
         self.n_channels = n_channels
-        self.n_classes = n_classes
+        self.num_classes = num_classes
 
 
 @register_model("convnet")
 def convnet(num_classes: int = 10, n_channels: int = 3) -> ConvNet:
     """Pre-activation residual ConvNet for 32x32 images (13 convs, 5 max-pools)."""
-    return ConvNet(n_channels=n_channels, n_classes=num_classes)
+    return ConvNet(n_channels=n_channels, num_classes=num_classes)

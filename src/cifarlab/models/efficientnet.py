@@ -36,8 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cifarlab.errors import UsageError
-from cifarlab.models.registry import register_model
+from cifarlab.errors import WeightsError
+from cifarlab.registry import register_model
 
 __all__ = ["BadWeightsError", "EfficientNetLite", "MBConv", "MissingWeightsError", "pretrained_weights_path"]
 
@@ -50,11 +50,11 @@ WEIGHTS_FILE = "efficientnet-lite0-57934424.pth"
 WEIGHTS_MD5 = "7406efdd8a1cb90d2464ddc714e33aa3"
 
 
-class MissingWeightsError(UsageError, FileNotFoundError):
+class MissingWeightsError(WeightsError):
     """The ImageNet weights are not installed (the CLI prints the message and exits 2)."""
 
 
-class BadWeightsError(UsageError, ValueError):
+class BadWeightsError(WeightsError):
     """The weights file is not the one expected (md5) or does not fit the network."""
 
 

@@ -8,17 +8,18 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from cifarlab.models.registry import register_model
+from cifarlab.config import NORMS
+from cifarlab.registry import register_model
 
-__all__ = ["ACTIVATIONS", "MLP", "NORMS", "mlp"]
+__all__ = ["ACTIVATION_LAYERS", "MLP", "mlp"]
 
-ACTIVATIONS: dict[str, type[nn.Module]] = {
+# the layer of each name in cifarlab.config.ACTIVATIONS (the one list of choices)
+ACTIVATION_LAYERS: dict[str, type[nn.Module]] = {
     "elu": nn.ELU,
     "relu": nn.ReLU,
     "tanh": nn.Tanh,
     "gelu": nn.GELU,
 }
-NORMS: tuple[str | None, ...] = (None, "batch", "layer")
 
 
 def _layer_norm(n: int) -> nn.Module:
@@ -31,7 +32,7 @@ def _layer_norm(n: int) -> nn.Module:
 
 
 def _make_norm(norm: str | None, n: int) -> nn.Module | None:
-    if norm is None:
+    if norm in (None, "none"):
         return None
     if norm == "batch":
         return nn.BatchNorm1d(n)
@@ -50,7 +51,7 @@ class MLP(nn.Module):
     Args:
         n_inputs: number of input features (3072 for CIFAR-10 images).
         n_hidden: widths of the hidden layers; may be empty.
-        n_classes: number of output logits.
+        num_classes: number of output logits.
         activation: one of ``'elu'``, ``'relu'``, ``'tanh'``, ``'gelu'``.
         norm: ``None``, ``'batch'`` (``BatchNorm1d``) or ``'layer'``
             (``cifarlab.layernorm.LayerNormManual``, falling back to ``nn.LayerNorm``).
@@ -62,24 +63,26 @@ class MLP(nn.Module):
         self,
         n_inputs: int,
         n_hidden: Sequence[int],
-        n_classes: int,
+        num_classes: int,
         activation: str = "elu",
         norm: str | None = None,
         dropout: float = 0.0,
         norm_after_activation: bool = False,
     ) -> None:
         super().__init__()
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"unknown activation {activation!r}; expected one of {sorted(ACTIVATIONS)}")
-        if norm not in NORMS:
+        if activation not in ACTIVATION_LAYERS:
+            raise ValueError(
+                f"unknown activation {activation!r}; expected one of {sorted(ACTIVATION_LAYERS)}"
+            )
+        if norm is not None and norm not in NORMS:
             raise ValueError(f"unknown norm {norm!r}; expected one of {NORMS}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         self.n_inputs = int(n_inputs)
         self.n_hidden = [int(h) for h in n_hidden]
-        self.n_classes = int(n_classes)
+        self.num_classes = int(num_classes)
         self.activation = activation
-        self.norm = norm
+        self.norm = None if norm == "none" else norm
         self.dropout = float(dropout)
         self.norm_after_activation = bool(norm_after_activation)
 
@@ -89,17 +92,17 @@ class MLP(nn.Module):
             layers: OrderedDict[str, nn.Module] = OrderedDict(linear=nn.Linear(width, h))
             norm_layer = _make_norm(norm, h)
             if norm_after_activation:
-                layers["act"] = ACTIVATIONS[activation]()
+                layers["act"] = ACTIVATION_LAYERS[activation]()
             if norm_layer is not None:
                 layers["norm"] = norm_layer
             if not norm_after_activation:
-                layers["act"] = ACTIVATIONS[activation]()
+                layers["act"] = ACTIVATION_LAYERS[activation]()
             if dropout > 0:
                 layers["dropout"] = nn.Dropout(dropout)
             blocks.append(nn.Sequential(layers))
             width = h
         self.hidden = nn.Sequential(*blocks)
-        self.output = nn.Linear(width, self.n_classes)
+        self.output = nn.Linear(width, self.num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.reshape(x.shape[0], self.n_inputs)
@@ -107,7 +110,7 @@ class MLP(nn.Module):
 
     def extra_repr(self) -> str:
         return (
-            f"n_inputs={self.n_inputs}, n_hidden={self.n_hidden}, n_classes={self.n_classes}, "
+            f"n_inputs={self.n_inputs}, n_hidden={self.n_hidden}, num_classes={self.num_classes}, "
             f"activation={self.activation!r}, norm={self.norm!r}, dropout={self.dropout}"
         )
 

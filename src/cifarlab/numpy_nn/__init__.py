@@ -26,6 +26,26 @@ from cifarlab.numpy_nn.modules import (
     Tanh,
 )
 from cifarlab.numpy_nn.optim import SGD, Adam, Optimizer
+from cifarlab.registry import register_model
+
+
+@register_model("mlp-numpy", framework="numpy")
+def mlp_numpy(
+    num_classes: int = 10,
+    n_inputs: int = 3072,
+    n_hidden: tuple[int, ...] | list[int] = (100,),
+    activation: str = "elu",
+    init: str = "seed",
+    dtype: str = "float32",
+    seed: int | None = None,
+) -> MLP:
+    """The NumPy MLP (hand-written backward); ``seed`` seeds its weight init."""
+    import numpy as np
+
+    return MLP(
+        n_inputs, list(n_hidden), num_classes, activation, init, np.dtype(dtype), np.random.default_rng(seed)
+    )
+
 
 __all__ = [
     "ACTIVATIONS",
@@ -42,4 +62,5 @@ __all__ = [
     "SoftMax",
     "SoftmaxCrossEntropy",
     "Tanh",
+    "mlp_numpy",
 ]

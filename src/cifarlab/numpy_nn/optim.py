@@ -79,7 +79,7 @@ class SGD(Optimizer):
 
     Per parameter p with gradient g (buffer v starts at 0, so v = g after the first step):
 
-        g ← g + weight_decay · p
+        g ← g + weight_decay · p            (weights only: biases, ndim ≤ 1, are not decayed)
         v ← momentum · v + g
         d = g + momentum · v  if nesterov  else  v        (d = g without momentum)
         p ← p − lr · d
@@ -113,7 +113,7 @@ class SGD(Optimizer):
     def step(self) -> None:
         lr, mu, wd = self.lr, self.momentum, self.weight_decay
         for name, p, g in self._triples:
-            d = g + wd * p if wd else g
+            d = g + wd * p if wd and p.ndim >= 2 else g
             if mu:
                 v = self.state[f"{name}.momentum_buffer"]
                 v *= mu
@@ -128,7 +128,7 @@ class Adam(Optimizer):
 
     Per parameter p with gradient g, at step t = 1, 2, ... (m, v start at 0):
 
-        p ← p − lr · λ · p          if decoupled (AdamW)
+        p ← p − lr · λ · p          if decoupled (AdamW); weights only, never biases (ndim ≤ 1)
         g ← g + λ · p               otherwise (L2 penalty through the gradient)
         m ← β₁ m + (1 − β₁) g
         v ← β₂ v + (1 − β₂) g²
@@ -174,9 +174,9 @@ class Adam(Optimizer):
         b1, b2 = self.betas
         bias1, bias2 = 1 - b1**t, 1 - b2**t
         for name, p, g in self._triples:
-            if wd and self.decoupled:
+            if wd and p.ndim >= 2 and self.decoupled:
                 p *= 1 - lr * wd
-            elif wd:
+            elif wd and p.ndim >= 2:
                 g = g + wd * p
             m = self.state[f"{name}.exp_avg"]
             v = self.state[f"{name}.exp_avg_sq"]

@@ -1,95 +1,31 @@
-"""``cifarlab train mlp-numpy``: the NumPy MLP trained by hand-written backprop.
+"""The NumPy side of the one training loop (``cifarlab.loop.fit``): ``NumpyLearner``.
 
-Presets: ``seed`` is the seed's Part 1 (hidden 100, SGD, lr 1e-3, 1400 steps, batch 200,
-evaluation every 100 steps, N(0, 1e-4^2) init, seed preprocessing); ``best`` is our NumPy
-recipe (He init, Adam, cosine schedule, weight decay, augmentation), still pure NumPy.
-Writes the same run directory as the torch trainer (cifarlab.runs). Never imports torch.
+``cifarlab train mlp-numpy`` trains the NumPy MLP by hand-written backprop through the same
+loop, run directory, checkpoints and resume as every torch model; presets are in
+``cifarlab.recipes``. Never imports torch.
 """
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import json
-import time
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from cifarlab.config import add_config_args, config_from_args
-from cifarlab.data import PREPROCESSINGS, Batches, Preprocess, dataset_fingerprint, load_cifar10
-from cifarlab.errors import UsageError
+from cifarlab.config import TrainConfig
+from cifarlab.data import Preprocess
 from cifarlab.numpy_nn.mlp import MLP
 from cifarlab.numpy_nn.modules import SoftmaxCrossEntropy
 from cifarlab.numpy_nn.optim import SGD, Adam, Optimizer
-from cifarlab.runs import RunDir, print_result, training_summary
-from cifarlab.schedules import SCHEDULES, lr_at
 
 
-@dataclass
-class NumpyMLPConfig:
-    dnn_hidden_units: list[int] = field(
-        default_factory=lambda: [100], metadata={"help": "hidden sizes, comma-separated ('' = none)"}
-    )
-    learning_rate: float = field(default=1e-3, metadata={"help": "peak learning rate"})
-    max_steps: int = field(default=1400, metadata={"help": "optimizer steps"})
-    batch_size: int = field(default=200, metadata={"help": "training batch size"})
-    eval_freq: int = field(default=100, metadata={"help": "evaluate on the whole test set every N steps"})
-    seed: int = field(default=42, metadata={"help": "seed of init, batches and augmentation"})
-    activation: str = field(
-        default="elu", metadata={"help": "hidden activation", "choices": ("elu", "relu", "tanh")}
-    )
-    init: str = field(default="seed", metadata={"help": "weight init", "choices": ("seed", "he", "glorot")})
-    optimizer: str = field(
-        default="sgd", metadata={"help": "optimizer", "choices": ("sgd", "momentum", "adam")}
-    )
-    momentum: float = field(default=0.9, metadata={"help": "momentum of 'momentum' (Nesterov)"})
-    weight_decay: float = field(default=0.0, metadata={"help": "weight decay (decoupled for adam)"})
-    schedule: str = field(default="constant", metadata={"help": "LR schedule", "choices": SCHEDULES})
-    warmup_steps: int = field(default=0, metadata={"help": "linear warm-up steps"})
-    augment: bool = field(default=False, metadata={"help": "random crop (pad 4) + horizontal flip"})
-    preprocess: str = field(
-        default="seed", metadata={"help": "input preprocessing", "choices": PREPROCESSINGS}
-    )
-    dtype: str = field(default="float32", metadata={"help": "float type", "choices": ("float32", "float64")})
-    eval_batch_size: int = field(default=2500, metadata={"help": "evaluation batch"})
-
-    def validate(self) -> None:
-        for name in ("learning_rate", "max_steps", "batch_size", "eval_freq", "eval_batch_size"):
-            if not getattr(self, name) > 0:
-                raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-
-
-PRESETS: dict[str, dict[str, Any]] = {
-    "seed": {},
-    "best": {
-        "dnn_hidden_units": [1024, 1024],
-        "activation": "elu",
-        "init": "he",
-        "optimizer": "adam",
-        "learning_rate": 1e-3,
-        "weight_decay": 0.02,
-        "schedule": "cosine",
-        "warmup_steps": 200,
-        "batch_size": 256,
-        "max_steps": 6000,
-        "eval_freq": 500,
-        "augment": True,
-        "preprocess": "standard",
-    },
-}
-
-
-def make_optimizer(cfg: NumpyMLPConfig, model: MLP) -> Optimizer:
-    params = model.parameters()
-    if cfg.optimizer == "adam":
-        return Adam(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+def make_optimizer(cfg: TrainConfig, model: MLP) -> Optimizer:
+    """The optimizer of ``cfg`` (no weight decay on biases, as in the torch trainer)."""
+    params, lr, wd = model.parameters(), cfg.learning_rate, cfg.weight_decay
+    if cfg.optimizer in ("adam", "adamw"):
+        return Adam(params, lr=lr, weight_decay=wd, decoupled=cfg.optimizer == "adamw")
     if cfg.optimizer == "momentum":
-        return SGD(
-            params, lr=cfg.learning_rate, momentum=cfg.momentum, nesterov=True, weight_decay=cfg.weight_decay
-        )
-    return SGD(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+        return SGD(params, lr=lr, momentum=cfg.momentum, nesterov=True, weight_decay=wd)
+    return SGD(params, lr=lr, weight_decay=wd)
 
 
 def features(x: np.ndarray, prep: Preprocess, dtype: np.dtype) -> np.ndarray:
@@ -109,111 +45,61 @@ def evaluate(model: MLP, x: np.ndarray, y: np.ndarray, prep: Preprocess, batch_s
     return {"loss": loss_sum / len(x), "acc": correct / len(x)}
 
 
-def fit(
-    cfg: NumpyMLPConfig, run: RunDir, data: tuple, progress: bool = True, started: float | None = None
-) -> dict[str, Any]:
-    """Train the NumPy MLP of ``cfg``; logs to ``run`` and returns the summary."""
-    from tqdm import tqdm
+class NumpyLearner:
+    """The NumPy MLP and its optimizer, driven by ``cifarlab.loop.fit``."""
 
-    t0 = time.perf_counter() if started is None else started  # wall time includes loading
-    x_train, y_train, x_test, y_test = data
-    dtype = np.dtype(cfg.dtype)
-    model = MLP(
-        3072,
-        cfg.dnn_hidden_units,
-        10,
-        activation=cfg.activation,
-        init=cfg.init,
-        dtype=dtype,
-        rng=np.random.default_rng(cfg.seed),
-    )
-    opt = make_optimizer(cfg, model)
-    ce = SoftmaxCrossEntropy()
-    prep = Preprocess.fit(cfg.preprocess, x_train)
-    batches = Batches(x_train, y_train, cfg.batch_size, seed=cfg.seed, augment=cfg.augment)
-    loss_sum, correct, seen, train_seconds = 0.0, 0, 0, 0.0
-    t_train = time.perf_counter()
-    for step in tqdm(range(cfg.max_steps), disable=not progress, unit="step", desc=run.path.name):
-        opt.lr = lr_at(cfg, step)
-        xb, yb = batches.batch(step)
-        logits = model.logits(features(xb, prep, dtype))
-        loss = ce.forward(logits, yb)
-        model.backward_logits(ce.backward())
-        opt.step()
-        loss_sum += loss * len(yb)
-        correct += int((logits.argmax(1) == yb).sum())
-        seen += len(yb)
-        done = step + 1
-        if done % cfg.eval_freq == 0 or done == cfg.max_steps:
-            train_seconds += time.perf_counter() - t_train
-            if not np.isfinite(loss_sum):
-                raise UsageError(f"loss became {loss_sum} before step {done}; try a lower --learning-rate")
-            ev = evaluate(model, x_test, y_test, prep, cfg.eval_batch_size)
-            run.log(
-                {
-                    "step": done,
-                    "epoch": round(batches.epoch_of(done), 4),
-                    "train_loss": loss_sum / seen,
-                    "train_acc": correct / seen,
-                    "test_loss": ev["loss"],
-                    "test_acc": ev["acc"],
-                    "seconds": round(time.perf_counter() - t0, 3),
-                    "lr": opt.lr,
-                }
-            )
-            loss_sum, correct, seen = 0.0, 0, 0
-            t_train = time.perf_counter()
-    save_weights(run, model, prep)
-    summary = training_summary(
-        run,
-        cfg.max_steps,
-        cfg.batch_size,
-        batches.epoch_of(cfg.max_steps),
-        time.perf_counter() - t0,
-        train_seconds,
-    )
-    return run.finish(summary, title=f"mlp-numpy {run.path.name}")
+    libraries = ("numpy",)
 
+    def __init__(self, model: MLP, cfg: TrainConfig, prep: Preprocess) -> None:
+        self.model, self.cfg, self.prep = model, cfg, prep
+        self.opt = make_optimizer(cfg, model)
+        self.ce = SoftmaxCrossEntropy()
+        self.loss_sum, self.correct = 0.0, 0
 
-def save_weights(run: RunDir, model: MLP, prep: Preprocess) -> None:
-    from safetensors.numpy import save_file
+    @classmethod
+    def create(cls, name: str, cfg: TrainConfig, prep: Preprocess) -> NumpyLearner:
+        from cifarlab.registry import create_model
 
-    run.checkpoint_dir.mkdir(exist_ok=True)
-    tensors = {**model.state_dict(), "__preprocess__.shift": prep.shift, "__preprocess__.scale": prep.scale}
-    meta = {
-        "model": "mlp-numpy",
-        "n_hidden": model.n_hidden,
-        "activation": model.activation,
-        "preprocess": prep.name,
-    }
-    save_file(
-        {k: np.ascontiguousarray(v) for k, v in tensors.items()},
-        str(run.checkpoint_dir / "model.safetensors"),
-        metadata={"cifarlab": json.dumps(meta)},
-    )
+        return cls(create_model(name, seed=cfg.seed, **cfg.model_kwargs()), cfg, prep)
 
+    def step(self, x: np.ndarray, y: np.ndarray, lr: float) -> None:
+        self.opt.lr = lr
+        logits = self.model.logits(features(x, self.prep, self.model.dtype))
+        loss = self.ce.forward(logits, y)
+        self.model.backward_logits(self.ce.backward())
+        self.opt.step()
+        self.loss_sum += float(loss) * len(y)
+        self.correct += int((logits.argmax(1) == y).sum())
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    add_config_args(p, NumpyMLPConfig, PRESETS)
+    def take_running(self) -> tuple[float, int]:
+        out = self.loss_sum, self.correct
+        self.loss_sum, self.correct = 0.0, 0
+        return out
 
+    def evaluate(self, x: np.ndarray, y: np.ndarray) -> dict[str, float]:
+        return evaluate(self.model, x, y, self.prep, self.cfg.eval_batch_size)
 
-def main(args: argparse.Namespace) -> int:
-    if args.resume:
-        raise UsageError("mlp-numpy runs take seconds to minutes and are not resumable; start a new run")
-    cfg = config_from_args(NumpyMLPConfig, args, PRESETS)
-    started = time.perf_counter()
-    run = RunDir.create("mlp-numpy", out=args.out)
-    data = load_cifar10(args.data_dir, verify=args.verify)
-    run.write_config(
-        {
-            "command": "cifarlab train mlp-numpy",
-            "preset": args.preset,
-            "model": "mlp-numpy",
-            "train": dataclasses.asdict(cfg),
-            "data": dataset_fingerprint(args.data_dir),
-        },
-        libraries=("numpy",),
-    )
-    summary = fit(cfg, run, data, progress=args.progress, started=started)
-    print_result(run, summary)
-    return 0
+    def step_metrics(self) -> dict[str, Any]:
+        return {
+            "grad_norms": {k: float(np.linalg.norm(g)) for k, g in self.model.grads.items() if g.ndim >= 2}
+        }
+
+    def weights(self) -> dict[str, np.ndarray]:
+        return self.model.state_dict()
+
+    def trainer_state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        return self.opt.state_dict(), {}
+
+    def load(self, weights: dict[str, np.ndarray], arrays: dict[str, np.ndarray], plain: dict) -> None:
+        self.model.load_state_dict(weights)
+        self.opt.load_state_dict(arrays)
+
+    def num_parameters(self) -> int:
+        return self.model.num_parameters()
+
+    def threads(self) -> int:
+        import os
+
+        return int(
+            os.environ.get("OPENBLAS_NUM_THREADS") or os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1
+        )

@@ -1,12 +1,16 @@
 """What every sweep shares: flags, running the runs (in parallel processes), collecting them.
 
-Each run of a sweep is a normal ``cifarlab train`` run directory under ``--out-root``; a run
-whose summary.json already exists is reused, so an interrupted sweep continues where it stopped.
+Each run of a sweep is a normal ``cifarlab train`` run directory under ``--out-root``. A
+finished run is reused only if its settings are exactly the job's; an interrupted one is
+resumed; a run directory with other settings is never overwritten (the sweep stops and says
+so). Tables and plots go to ``--out`` (default: the sweep's folder under runs/): results/ is
+written only when asked for with ``--out results``.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import shlex
 import statistics
@@ -16,8 +20,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from cifarlab.config import ArgumentParser, add_data_args, given_flags
 from cifarlab.errors import UsageError
-from cifarlab.runs import RunDir, atomic_write_bytes
+from cifarlab.runs import RunDir, atomic_write_bytes, check_writable_dir
 
 
 @dataclass
@@ -29,8 +34,18 @@ class Job:
 def add_sweep_args(p: argparse.ArgumentParser, name: str, seeds: int = 3) -> None:
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel processes (threads are split)")
     p.add_argument("--seeds", type=int, default=seeds, help="seeds per configuration (default: %(default)s)")
-    p.add_argument("--out-root", default=f"runs/sweeps/{name}", help="where the run directories go")
-    p.add_argument("--results", default="results", help="where the table and plot go (default: %(default)s)")
+    p.add_argument(
+        "--out-root",
+        default=f"runs/sweeps/{name}",
+        help="where the run directories go (default: %(default)s)",
+    )
+    p.add_argument(
+        "--out",
+        "--results",
+        dest="results",
+        default=f"runs/sweeps/{name}",
+        help="where the table and plots go (default: %(default)s; --out results to update the project's)",
+    )
     p.add_argument("--max-steps", type=int, help="override every run's steps (for a quick look)")
     p.add_argument(
         "--extra",
@@ -38,21 +53,65 @@ def add_sweep_args(p: argparse.ArgumentParser, name: str, seeds: int = 3) -> Non
         metavar="FLAGS",
         help="more flags for every run, e.g. --extra='--batch-size 64'",
     )
-    p.add_argument(
-        "--data-dir", metavar="DIR", help="CIFAR-10 folder (default: $CIFARLAB_DATA or ~/.cache/cifarlab)"
-    )
-    p.add_argument("--no-verify", dest="verify", action="store_false", help="skip the md5 check")
+    add_data_args(p)
+
+
+def check_sweep_args(args: argparse.Namespace) -> None:
+    """Refuse bad sweep flags before anything runs or is written."""
+    if not 1 <= args.jobs <= 64:
+        raise UsageError(f"--jobs must be in 1..64, got {args.jobs}")
+    if not 1 <= args.seeds <= 100:
+        raise UsageError(f"--seeds must be in 1..100, got {args.seeds}")
+    if args.max_steps is not None and args.max_steps < 1:
+        raise UsageError(f"--max-steps must be positive, got {args.max_steps}")
+    try:
+        shlex.split(args.extra)
+    except ValueError as e:
+        raise UsageError(f"--extra {args.extra!r}: {e}") from None
+    check_writable_dir(Path(args.out_root), "--out-root")
+    check_writable_dir(Path(args.results), "--out")
+
+
+def job_settings(argv: list[str]) -> tuple[str, dict]:
+    """The model and the exact settings ``cifarlab train *argv`` would run with."""
+    from cifarlab import loop
+    from cifarlab.recipes import RECIPES
+
+    recipe = RECIPES[argv[0]]
+    parser = ArgumentParser(prog=f"cifarlab train {argv[0]}")
+    loop.add_arguments(parser, recipe)
+    args = parser.parse_args(argv[1:])
+    cfg = recipe.make_config(args.preset, **given_flags(recipe.config, args))
+    return recipe.name, dataclasses.asdict(cfg)
+
+
+def _existing(out: Path, argv: list[str]) -> str:
+    """What to do with the job's directory: "new", "done" (reuse) or "resume"; a directory
+    holding other settings is an error (it is never overwritten)."""
+    if not out.exists():
+        return "new"
+    run = RunDir(out)
+    if not run.config_path.is_file() and not any(out.iterdir()):
+        return "new"
+    model, settings = job_settings(argv)
+    saved = run.read_config() if run.config_path.is_file() else {}
+    if saved.get("model") != model or saved.get("train") != settings:
+        diff = sorted(k for k in settings if saved.get("train", {}).get(k) != settings[k])
+        raise UsageError(
+            f"{out} holds a run with other settings ({', '.join(diff[:4]) or 'model'} differ); "
+            "it is kept: choose another --out-root or remove it"
+        )
+    if run.summary_path.is_file():
+        return "done"
+    return "resume"
 
 
 def run_jobs(jobs: list[Job], args: argparse.Namespace) -> dict[str, RunDir]:
     """Run every job not yet complete; returns name -> RunDir. Fails listing the runs that failed."""
     from tqdm import tqdm
 
-    if args.jobs < 1 or args.seeds < 1:
-        raise UsageError("--jobs and --seeds must be at least 1")
+    check_sweep_args(args)
     root = Path(args.out_root)
-    root.mkdir(parents=True, exist_ok=True)
-    Path(args.results).mkdir(parents=True, exist_ok=True)
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
     extra = ["--no-progress"]
     # split the cores between parallel runs (torch and NumPy's BLAS both read these)
@@ -67,18 +126,19 @@ def run_jobs(jobs: list[Job], args: argparse.Namespace) -> dict[str, RunDir]:
     if args.max_steps:
         extra += ["--max-steps", str(args.max_steps)]
     extra += shlex.split(args.extra)  # last: overrides the sweep's own flags
+    plan = {j.name: _existing(root / j.name, [*j.argv, *extra]) for j in jobs}  # all checked first
+    root.mkdir(parents=True, exist_ok=True)
+    Path(args.results).mkdir(parents=True, exist_ok=True)
 
     def one(job: Job) -> str | None:
         out = root / job.name
-        if (out / "summary.json").is_file():
-            return None  # done in an earlier invocation
-        if out.exists():  # an interrupted run of an earlier invocation: start it again
-            import shutil
-
-            shutil.rmtree(out)
-        cmd = [sys.executable, "-m", "cifarlab", "train", *job.argv, *extra, "--out", str(out)]
+        if plan[job.name] == "done":
+            return None  # the same run, finished in an earlier invocation
+        where = ["--resume", str(out)] if plan[job.name] == "resume" else ["--out", str(out)]
+        cmd = [sys.executable, "-m", "cifarlab", "train", *job.argv, *extra, *where]
         r = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        (root / f"{job.name}.log").write_text(" ".join(cmd) + "\n" + r.stdout + r.stderr)
+        with open(root / f"{job.name}.log", "a") as log:  # a resumed job adds to its log
+            log.write(" ".join(cmd) + "\n" + r.stdout + r.stderr)
         return None if r.returncode == 0 else f"{job.name}: {(r.stderr.strip().splitlines() or ['?'])[-1]}"
 
     with ThreadPoolExecutor(args.jobs) as pool:

@@ -12,14 +12,14 @@ import argparse
 import statistics
 from pathlib import Path
 
-from cifarlab.cli import TRAINERS
 from cifarlab.errors import UsageError
 from cifarlab.plots import plot_series
+from cifarlab.recipes import RECIPES
 from cifarlab.sweeps.common import Job, add_sweep_args, mean_std, run_jobs, write_text
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", choices=sorted(TRAINERS), help="what `cifarlab train` trains")
+    p.add_argument("model", choices=list(RECIPES), help="what `cifarlab train` trains")
     p.add_argument("--name", help="results file name (default: <model>-seeds)")
     add_sweep_args(p, "seeds")
 
@@ -28,6 +28,8 @@ def main(args: argparse.Namespace) -> int:
     name = args.name or f"{args.model}-seeds"
     if args.out_root == "runs/sweeps/seeds":
         args.out_root = f"runs/sweeps/{name}"
+    if args.results == "runs/sweeps/seeds":
+        args.results = f"runs/sweeps/{name}"
     if "--seed" in args.extra.split():
         raise UsageError("--extra must not set --seed: the sweep chooses the seeds")
     seeds = [42 + s for s in range(args.seeds)]

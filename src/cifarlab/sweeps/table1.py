@@ -10,6 +10,7 @@ import argparse
 import statistics
 from pathlib import Path
 
+from cifarlab.errors import UsageError
 from cifarlab.plots import plot_series
 from cifarlab.sweeps.common import Job, add_sweep_args, mean_curve, mean_std, run_jobs, write_text
 
@@ -33,8 +34,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
+def parse_configs(text: str) -> list[int]:
+    """ "1,3,5" -> [1, 3, 5]; every row must be one of Table 1's (1..7), each once."""
+    try:
+        rows = [int(c) for c in text.split(",")]
+    except ValueError:
+        raise UsageError(
+            f"--configs {text!r}: expected comma-separated row numbers 1..{len(CONFIGS)}"
+        ) from None
+    bad = [r for r in rows if not 1 <= r <= len(CONFIGS)]
+    if bad or len(set(rows)) != len(rows):
+        raise UsageError(f"--configs {text!r}: rows must be distinct numbers in 1..{len(CONFIGS)}")
+    return rows
+
+
 def main(args: argparse.Namespace) -> int:
-    rows = [int(c) for c in args.configs.split(",")]
+    rows = parse_configs(args.configs)
     jobs = []
     for i in rows:
         hidden, opt, lr, steps, _ = CONFIGS[i - 1]

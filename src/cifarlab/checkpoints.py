@@ -1,0 +1,191 @@
+"""The one checkpoint format, written and read for the NumPy and the torch trainers alike.
+
+A checkpoint is a folder of two safetensors files (plain arrays: no code runs on load):
+
+  model.safetensors   the weights, ``__preprocess__.shift`` / ``__preprocess__.scale``, and
+                      metadata ``cifarlab`` = JSON {format_version, model, model_kwargs, preprocess}
+  state.safetensors   optimizer buffers and RNG state, metadata ``state`` (TrainState JSON) and
+                      ``plain`` (the rest of the optimizer state as JSON); only to resume
+
+Arrays are NumPy (``safetensors.numpy``), so reading a NumPy run never imports torch. A new
+checkpoint is written beside the old one and swapped in by renames: a crash leaves the old
+checkpoint or the new one, never a mix. Everything read is validated; a foreign or damaged
+file is a one-line ``CheckpointError``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cifarlab.config import PREPROCESSINGS
+from cifarlab.data import Preprocess
+from cifarlab.errors import CheckpointError
+
+FORMAT_VERSION = 1
+MODEL_FILE, STATE_FILE = "model.safetensors", "state.safetensors"
+PREP_SHIFT, PREP_SCALE = "__preprocess__.shift", "__preprocess__.scale"
+# shapes the preprocessing arrays may have: per pixel (the seed's mean image) or per channel
+_PREP_SHAPES = {PREP_SHIFT: ((32, 32, 3), (3,)), PREP_SCALE: ((1,), (3,))}
+
+
+@dataclass
+class Checkpoint:
+    """A model checkpoint: everything ``create_model`` + ``load_state_dict`` need."""
+
+    model: str
+    model_kwargs: dict[str, Any]
+    preprocess: Preprocess
+    weights: dict[str, np.ndarray]
+    path: Path | None = None  # the model.safetensors it was read from
+    extra: dict[str, Any] = field(default_factory=dict)  # other metadata keys, kept as read
+
+
+def save(
+    folder: Path,
+    weights: dict[str, np.ndarray],
+    meta: dict[str, Any],
+    prep: Preprocess,
+    state_tensors: dict[str, np.ndarray] | None = None,
+    state_meta: dict[str, str] | None = None,
+) -> Path:
+    """Write ``folder`` (model + optional trainer state) atomically; returns it.
+
+    ``meta`` holds ``model`` and ``model_kwargs``; ``format_version`` and ``preprocess`` are added.
+    """
+    from safetensors.numpy import save_file
+
+    folder = Path(folder)
+    tmp, old = folder.with_name(folder.name + ".tmp"), folder.with_name(folder.name + ".old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    tensors = {k: np.ascontiguousarray(v) for k, v in weights.items()}
+    tensors[PREP_SHIFT] = np.ascontiguousarray(prep.shift, dtype=np.float32)
+    tensors[PREP_SCALE] = np.ascontiguousarray(prep.scale, dtype=np.float32)
+    header = {"format_version": FORMAT_VERSION, **meta, "preprocess": prep.name}
+    save_file(tensors, str(tmp / MODEL_FILE), metadata={"cifarlab": json.dumps(header)})
+    if state_tensors is not None:
+        state = {k: np.ascontiguousarray(v) for k, v in state_tensors.items()}
+        save_file(state, str(tmp / STATE_FILE), metadata=state_meta or {})
+    if folder.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        folder.rename(old)
+    tmp.rename(folder)
+    shutil.rmtree(old, ignore_errors=True)
+    return folder
+
+
+def recover(folder: Path) -> None:
+    """After a crash between the two renames of :func:`save` only ``<folder>.old`` exists:
+    put it back (call only while holding the run directory's lock)."""
+    folder, old = Path(folder), Path(folder).with_name(Path(folder).name + ".old")
+    if not folder.exists() and (old / MODEL_FILE).is_file():
+        old.rename(folder)
+
+
+def model_file(target: str | Path) -> Path:
+    """The model file a user named: the file itself, ``DIR/model.safetensors`` for a
+    checkpoint folder, or ``RUN/checkpoint/model.safetensors`` for a run directory."""
+    target = Path(target)
+    if target.is_file():
+        return target
+    for cand in (target / MODEL_FILE, target / "checkpoint" / MODEL_FILE):
+        if cand.is_file():
+            return cand
+    if not target.exists():
+        raise CheckpointError(f"{target} does not exist (give a run directory or a model.safetensors file)")
+    hint = ""
+    if (target / "checkpoint.old" / MODEL_FILE).is_file():
+        hint = "; an interrupted save left checkpoint.old: `cifarlab train MODEL --resume` recovers it"
+    raise CheckpointError(
+        f"no checkpoint in {target} (expected {MODEL_FILE} or checkpoint/{MODEL_FILE}){hint}"
+    )
+
+
+def _read(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """All arrays and the metadata of one safetensors file."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="np") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
+    except Exception as e:  # any parse failure: the library raises several types
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(f"{path}: not a readable safetensors file ({reason})") from None
+
+
+def load(target: str | Path) -> Checkpoint:
+    """Read and validate the model checkpoint ``target`` names (see :func:`model_file`)."""
+    from cifarlab.registry import is_model
+
+    path = model_file(target)
+    weights, metadata = _read(path)
+    if "cifarlab" not in metadata:
+        raise CheckpointError(f"{path}: not a cifarlab checkpoint (no 'cifarlab' metadata)")
+    try:
+        meta = json.loads(metadata["cifarlab"])
+    except json.JSONDecodeError:
+        raise CheckpointError(f"{path}: its 'cifarlab' metadata is not JSON") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: its 'cifarlab' metadata is not a JSON object")
+    version = meta.get("format_version", FORMAT_VERSION)
+    if version != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: checkpoint format {version!r}; this cifarlab reads {FORMAT_VERSION}")
+    model, kwargs, prep_name = meta.get("model"), meta.get("model_kwargs", {}), meta.get("preprocess")
+    if not isinstance(model, str) or not is_model(model):
+        raise CheckpointError(f"{path}: unknown model {model!r} in its metadata")
+    if not isinstance(kwargs, dict):
+        raise CheckpointError(f"{path}: model_kwargs is not a JSON object")
+    if prep_name not in PREPROCESSINGS:
+        raise CheckpointError(f"{path}: unknown preprocessing {prep_name!r}")
+    for key, shapes in _PREP_SHAPES.items():
+        arr = weights.pop(key, None)
+        if arr is None or arr.shape not in shapes or arr.dtype != np.float32 or not np.isfinite(arr).all():
+            got = "missing" if arr is None else f"{arr.dtype}{arr.shape}"
+            raise CheckpointError(f"{path}: preprocessing array {key} is {got}; expected float32 {shapes}")
+        meta[key] = arr
+    prep = Preprocess(prep_name, meta.pop(PREP_SHIFT), meta.pop(PREP_SCALE))
+    extra = {
+        k: v for k, v in meta.items() if k not in ("model", "model_kwargs", "preprocess", "format_version")
+    }
+    return Checkpoint(model, kwargs, prep, weights, path, extra)
+
+
+def load_state(folder: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """The trainer-state arrays and metadata of checkpoint ``folder`` (to resume)."""
+    path = Path(folder) / STATE_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing: this checkpoint cannot be resumed")
+    return _read(path)
+
+
+def build_model(ckpt: Checkpoint) -> Any:
+    """The checkpoint's model with its weights loaded, in eval mode for torch models.
+
+    Pretrained weights are never fetched: the checkpoint holds all of them."""
+    from cifarlab.registry import create_model, get_model_entry
+
+    kwargs = dict(ckpt.model_kwargs)
+    if "pretrained" in kwargs:
+        kwargs["pretrained"] = False
+    torch_model = get_model_entry(ckpt.model).framework == "torch"
+    try:
+        model = create_model(ckpt.model, **kwargs)
+        if torch_model:
+            import torch
+
+            model.load_state_dict({k: torch.from_numpy(v) for k, v in ckpt.weights.items()})
+            model.eval()
+        else:
+            model.load_state_dict(ckpt.weights)
+    except (TypeError, KeyError, ValueError, RuntimeError) as e:
+        reason = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"{ckpt.path}: checkpoint does not match its model {ckpt.model} ({reason})"
+        ) from None
+    return model

@@ -1,0 +1,232 @@
+"""Every model ``cifarlab train`` knows: its config class, its presets, one line about it.
+
+A preset is a dict of settings applied to the config class's defaults with
+``dataclasses.replace``; the first preset of a recipe is its default. Add a model by adding
+a row to ``RECIPES`` (and registering the model with ``create_model``'s registry).
+Torch-free: ``cifarlab train mlp-numpy`` imports this table and never torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+from cifarlab.config import ACTIVATIONS, NORMS, NUMPY_ACTIVATIONS, TrainConfig, make_config, setting
+from cifarlab.errors import UsageError
+
+
+def _mlp_parameters(widths: list[int], norm: str = "none") -> int:
+    """Linear weights + biases between consecutive widths, + 2 per hidden unit for a norm."""
+    linear = sum(a * b + b for a, b in zip(widths[:-1], widths[1:]))
+    return linear + (2 * sum(widths[1:-1]) if norm != "none" else 0)
+
+
+@dataclass
+class MLPConfig(TrainConfig):
+    """The PyTorch MLP of the seed's Part 2."""
+
+    dnn_hidden_units: list[int] = setting([100], "hidden sizes, comma-separated ('' = none)")
+    activation: str = setting("elu", "hidden activation", choices=ACTIVATIONS)
+    norm: str = setting("none", "normalisation after each hidden Linear", choices=NORMS)
+    dropout: float = setting(0.0, "dropout after each hidden block", lo=0, hi=1, hi_open=True)
+    norm_after_activation: bool = setting(
+        False, "Linear -> activation -> norm (the seed's code) instead of norm first"
+    )
+
+    def model_kwargs(self) -> dict[str, Any]:
+        return {
+            "n_inputs": 3 * 32 * 32,
+            "n_hidden": list(self.dnn_hidden_units),
+            "activation": self.activation,
+            "norm": None if self.norm == "none" else self.norm,
+            "dropout": self.dropout,
+            "norm_after_activation": self.norm_after_activation,
+        }
+
+    def parameter_count(self) -> int:
+        return _mlp_parameters([3072, *self.dnn_hidden_units, 10], self.norm)
+
+
+@dataclass
+class NumpyMLPConfig(TrainConfig):
+    """The NumPy MLP of the seed's Part 1 (hand-written backward; never imports torch)."""
+
+    dnn_hidden_units: list[int] = setting([100], "hidden sizes, comma-separated ('' = none)")
+    activation: str = setting("elu", "hidden activation", choices=NUMPY_ACTIVATIONS)
+    init: str = setting("seed", "weight init", choices=("seed", "he", "glorot"))
+    dtype: str = setting("float32", "float type", choices=("float32", "float64"))
+
+    def validate(self) -> None:
+        super().validate()
+        for name in ("label_smoothing", "grad_clip", "channels_last", "threads", "log_grad_norms"):
+            if getattr(self, name) != getattr(TrainConfig, name):
+                raise UsageError(f"--{name.replace('_', '-')} is a torch trainer setting; mlp-numpy has none")
+
+    def model_kwargs(self) -> dict[str, Any]:
+        return {
+            "n_inputs": 3 * 32 * 32,
+            "n_hidden": list(self.dnn_hidden_units),
+            "activation": self.activation,
+            "init": self.init,
+            "dtype": self.dtype,
+        }
+
+    def parameter_count(self) -> int:
+        return _mlp_parameters([3072, *self.dnn_hidden_units, 10])
+
+
+@dataclass
+class TransferConfig(TrainConfig):
+    """An ImageNet backbone with a new 10-way head (spec Part 4b)."""
+
+    pretrained: bool = setting(True, "start from the ImageNet weights")
+    image_size: int = setting(64, "upsample the 32x32 images to this size", lo=32, hi=512)
+    freeze_backbone: bool = setting(False, "train only the new head")
+    dropout: float = setting(0.2, "dropout before the head", lo=0, hi=1, hi_open=True)
+
+    def model_kwargs(self) -> dict[str, Any]:
+        return {
+            "pretrained": self.pretrained,
+            "image_size": self.image_size,
+            "dropout": self.dropout,
+            "freeze_backbone": self.freeze_backbone,
+        }
+
+
+# ----------------------------------------------------------------------------- presets
+
+MLP_NUMPY_BEST = {
+    "dnn_hidden_units": [1024, 1024],
+    "init": "he",
+    "optimizer": "adamw",
+    "learning_rate": 1e-3,
+    "weight_decay": 0.02,
+    "schedule": "cosine",
+    "warmup_steps": 200,
+    "batch_size": 256,
+    "max_steps": 6000,
+    "eval_freq": 500,
+    "augment": True,
+    "preprocess": "standard",
+}
+MLP_BEST = {
+    "dnn_hidden_units": [1024, 1024, 1024],
+    "activation": "gelu",
+    "norm": "batch",
+    "dropout": 0.1,
+    "optimizer": "adamw",
+    "learning_rate": 2e-3,
+    "weight_decay": 0.05,
+    "schedule": "onecycle",
+    "batch_size": 256,
+    "max_steps": 12000,
+    "eval_freq": 1000,
+    "label_smoothing": 0.1,
+    "augment": True,
+    "preprocess": "standard",
+}
+# the seed's ConvNet protocol: Adam 1e-4, batch 32, 5000 steps, the test set every 500
+CONVNET_SEED = {
+    "learning_rate": 1e-4,
+    "max_steps": 5000,
+    "batch_size": 32,
+    "eval_freq": 500,
+    "optimizer": "adam",
+    "channels_last": True,
+}
+# best: the same architecture in less time (4000 steps, 4 evaluations): AdamW one-cycle,
+# label smoothing, standardised inputs; at ~2.5 epochs the net still underfits: no augmentation
+CONVNET_BEST = {
+    **CONVNET_SEED,
+    "optimizer": "adamw",
+    "learning_rate": 2e-3,
+    "weight_decay": 0.05,
+    "schedule": "onecycle",
+    "max_steps": 4000,
+    "eval_freq": 1000,
+    "label_smoothing": 0.1,
+    "preprocess": "standard",
+}
+# finetune: every layer at 64 px, 4000 steps of 64 (5 epochs); best: 96 px, 3000 steps;
+# linear: only the head (a step is ~3x cheaper); scratch: finetune from random weights (control)
+TRANSFER_FINETUNE = {
+    "learning_rate": 1e-3,
+    "max_steps": 4000,
+    "batch_size": 64,
+    "eval_freq": 1000,
+    "optimizer": "adamw",
+    "weight_decay": 0.01,
+    "schedule": "onecycle",
+    "label_smoothing": 0.1,
+    "augment": True,
+    "preprocess": "tf",
+    "eval_batch_size": 500,
+    "channels_last": True,
+}
+
+
+# ----------------------------------------------------------------------------- the table
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """What ``cifarlab train NAME`` trains: ``create_model(NAME, **config.model_kwargs())``."""
+
+    name: str
+    config: type[TrainConfig]
+    presets: dict[str, dict[str, Any]]  # the first is the default
+    description: str
+    framework: str = "torch"  # "numpy": trained by cifarlab.numpy_nn.train, never imports torch
+
+    def defaults(self, preset: str | None = None) -> TrainConfig:
+        """The config of ``preset`` (default: the first) before any flag."""
+        return replace(self.config(), **self.presets[preset or next(iter(self.presets))])
+
+    def make_config(self, preset: str | None = None, **overrides: Any) -> TrainConfig:
+        """The validated config of ``preset`` with ``overrides`` applied."""
+        return make_config(self.config, self.presets[preset or next(iter(self.presets))], overrides)
+
+
+RECIPES: dict[str, Recipe] = {
+    r.name: r
+    for r in (
+        Recipe(
+            "mlp-numpy",
+            NumpyMLPConfig,
+            {"seed": {}, "best": MLP_NUMPY_BEST},
+            "MLP in pure NumPy with hand-written backprop",
+            framework="numpy",
+        ),
+        Recipe(
+            "mlp",
+            MLPConfig,
+            {"seed": {}, "best": MLP_BEST},
+            "PyTorch MLP (ELU/Tanh/ReLU/GELU, BatchNorm/LayerNorm, dropout)",
+        ),
+        Recipe(
+            "convnet",
+            TrainConfig,
+            {"seed": CONVNET_SEED, "best": CONVNET_BEST},
+            "the spec's VGG13-like pre-activation ConvNet",
+        ),
+        Recipe(
+            "efficientnet_lite0",
+            TransferConfig,
+            {
+                "finetune": TRANSFER_FINETUNE,
+                "best": {**TRANSFER_FINETUNE, "image_size": 96, "max_steps": 3000},
+                "linear": {
+                    **TRANSFER_FINETUNE,
+                    "freeze_backbone": True,
+                    "learning_rate": 3e-3,
+                    "weight_decay": 0.0,
+                    "label_smoothing": 0.0,
+                    "max_steps": 2000,
+                    "eval_freq": 500,
+                },
+                "scratch": {**TRANSFER_FINETUNE, "pretrained": False},
+            },
+            "transfer learning from ImageNet (EfficientNet-Lite0)",
+        ),
+    )
+}

@@ -1,1 +1,0 @@
-"""Recipes: one config dataclass + presets per torch model, trained by cifarlab.train."""
