@@ -75,7 +75,7 @@ def test_rundir_refuses_non_empty_out(tmp_path):
         RunDir.create("mlp", out=out)
     assert (out / "precious.txt").read_text() == "keep me"
     with pytest.raises(UsageError, match="no config.json"):
-        RunDir.create("mlp", out=out, resume=True)
+        RunDir.open(out)
 
 
 def test_rundir_auto_names_are_unique(tmp_path):

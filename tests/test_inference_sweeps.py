@@ -49,10 +49,11 @@ def test_predict_any_image_and_refuse_non_image(tiny_run, tmp_path, capsys):
     Image.new("L", (50, 40), 128).save(gray)
     rgba = tmp_path / "big.png"
     Image.new("RGBA", (300, 200), (10, 200, 30, 255)).save(rgba)
-    assert main(["predict", str(tiny_run / "checkpoint"), str(gray), str(rgba), "--json"]) == 0
+    assert main(["predict", str(tiny_run / "checkpoint"), str(gray), str(rgba)]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[0].startswith(str(gray)) and len(lines[0].split(",")) == 3
-    probs = json.loads(lines[-1])
+    assert main(["predict", str(tiny_run / "checkpoint"), str(gray), str(rgba), "--json"]) == 0
+    probs = json.loads(capsys.readouterr().out)  # --json prints only JSON
     assert len(probs[str(rgba)]) == 3 and sum(probs[str(rgba)].values()) <= 1.0 + 1e-6
     bad = tmp_path / "notes.txt"
     bad.write_text("not an image")

@@ -56,7 +56,9 @@ def test_mlp_numpy_logistic_regression_and_bad_flags(synthetic, tmp_path, capsys
     assert main([*base, "--out", str(tmp_path / "a"), "--dnn-hidden-units", ""]) == 0
     assert main([*base, "--out", str(tmp_path / "b"), "--dnn-hidden-units", "10,x"]) == 2
     assert main([*base, "--out", str(tmp_path / "c"), "--learning-rate", "-1"]) == 2
-    assert "must be positive" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "expected comma-separated integers" in err and "--learning-rate must be in (0, inf)" in err
+    assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()  # nothing half-made
 
 
 @pytest.mark.slow

@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from cifarlab import checkpoints
 from cifarlab.cli import main
-from cifarlab.data import load_cifar10
+from cifarlab.config import TrainConfig
+from cifarlab.data import Preprocess, load_cifar10
+from cifarlab.errors import TrainingDiverged
+from cifarlab.loop import TrainState, fit
 from cifarlab.runs import RunDir
 from cifarlab.schedules import lr_at
-from cifarlab.train import TrainConfig, TrainingDiverged, fit, load_weights
+from cifarlab.train import TorchLearner, make_optimizer
 
 
 def _tiny_model():
@@ -43,17 +49,34 @@ def _cfg(**kw):
     return TrainConfig(**{**base, **kw})
 
 
+def _fit(model, cfg, run, d, meta=None, **kw):
+    prep = Preprocess.fit(cfg.preprocess, d[0])
+    meta = meta or {"model": "mlp", "model_kwargs": {}}
+    return fit(TorchLearner(model, cfg, prep), cfg, run, d, meta, prep, progress=False, **kw)
+
+
+def _sigterm_at(step):
+    """An on_step callback that sends this process SIGTERM after ``step`` (the Ctrl-C path)."""
+
+    def on_step(state: TrainState) -> None:
+        if state.step == step:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return on_step
+
+
 def test_resume_equals_uninterrupted_bitwise(synthetic, tmp_path):
     d = load_cifar10(synthetic[0])
-    meta = {"model": "tiny"}
     full = RunDir.create("t", out=tmp_path / "full")
-    fit(_tiny_model(), _cfg(), full, d, meta, progress=False)
+    _fit(_tiny_model(), _cfg(), full, d)
 
     part = RunDir.create("t", out=tmp_path / "part")
     torch.manual_seed(123)  # the interrupted process's RNG history must not matter
-    assert fit(_tiny_model(), _cfg(), part, d, meta, progress=False, stop_after=6) == {"stopped_at": 6}
+    with pytest.raises(KeyboardInterrupt, match="stopped at step 6"):
+        _fit(_tiny_model(), _cfg(), part, d, on_step=_sigterm_at(6))  # between two evaluations
+    assert not part.summary_path.exists()
     torch.manual_seed(999)
-    fit(_tiny_model(), _cfg(), part, d, meta, progress=False, resume=True)
+    _fit(_tiny_model(), _cfg(), part, d, resume=True)
 
     a = load_file(str(full.checkpoint_dir / "model.safetensors"))
     b = load_file(str(part.checkpoint_dir / "model.safetensors"))
@@ -86,26 +109,22 @@ def test_nan_stops_and_keeps_last_good_checkpoint(synthetic, tmp_path):
     d = load_cifar10(synthetic[0])
     run = RunDir.create("t", out=tmp_path / "r")
     with pytest.raises(TrainingDiverged, match="last good checkpoint"):
-        fit(_Exploding(), _cfg(augment=False), run, d, {"model": "x"}, progress=False)
-    state = json.loads(
-        __import__("safetensors")
-        .safe_open(str(run.checkpoint_dir / "state.safetensors"), "pt")
-        .metadata()["state"]
-    )
-    assert state["step"] == 4
-    weights, _, _ = load_weights(run.checkpoint_dir)
-    assert all(torch.isfinite(v).all() for v in weights.values())
+        _fit(_Exploding(), _cfg(augment=False), run, d)
+    _, md = checkpoints.load_state(run.checkpoint_dir)
+    assert TrainState.from_json(md["state"]).step == 4
+    ckpt = checkpoints.load(run.checkpoint_dir)
+    assert all(np.isfinite(v).all() for v in ckpt.weights.values())
 
 
 def test_safetensors_round_trip_keeps_weights_and_preprocessing(synthetic, tmp_path):
     d = load_cifar10(synthetic[0])
     run = RunDir.create("t", out=tmp_path / "r")
     model = _tiny_model()
-    fit(model, _cfg(max_steps=4), run, d, {"model": "tiny", "model_kwargs": {"a": 1}}, progress=False)
-    weights, meta, prep = load_weights(run.checkpoint_dir)
+    _fit(model, _cfg(max_steps=4), run, d, {"model": "mlp", "model_kwargs": {"n_hidden": [7]}})
+    ckpt = checkpoints.load(run.checkpoint_dir)
     for k, v in model.state_dict().items():
-        assert torch.equal(weights[k], v)
-    assert meta["model_kwargs"] == {"a": 1} and prep.name == "standard"
+        assert torch.equal(torch.from_numpy(ckpt.weights[k]), v)
+    assert ckpt.model == "mlp" and ckpt.model_kwargs == {"n_hidden": [7]} and ckpt.preprocess.name == "standard"
 
 
 def test_lr_schedules():
@@ -196,3 +215,20 @@ def test_sigterm_writes_a_checkpoint_and_says_how_to_resume(synthetic, tmp_path)
     )
     assert state["step"] >= 5
     assert not (out / "summary.json").exists()  # an interrupted run is not a finished one
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "momentum", "adam", "adamw"])
+def test_no_weight_decay_on_biases_and_norm_scales(optimizer):
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
+    opt = make_optimizer(_cfg(optimizer=optimizer, weight_decay=0.1), model)
+    decay = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
+    assert decay[id(model[0].weight)] == 0.1
+    assert decay[id(model[0].bias)] == decay[id(model[1].weight)] == decay[id(model[1].bias)] == 0.0
+    assert len(decay) == 4  # every parameter is in exactly one group
+
+
+def test_frozen_parameters_are_left_out_of_the_optimizer():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    model[0].requires_grad_(False)
+    opt = make_optimizer(_cfg(), model)
+    assert sum(len(g["params"]) for g in opt.param_groups) == 2
