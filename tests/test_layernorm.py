@@ -239,6 +239,10 @@ def test_function_rejects_mismatched_parameters():
         LayerNormFunction.apply(x, torch.ones(4), torch.zeros(5))
     with pytest.raises(TypeError, match="dtype"):
         LayerNormFunction.apply(x, torch.ones(4, dtype=F64), torch.zeros(4))
+    with pytest.raises(ValueError, match="dtype"):  # the same error, also a ValueError
+        LayerNormFunction.apply(x, torch.ones(4), torch.zeros(4, dtype=F64))
+    with pytest.raises(ValueError, match="device"):
+        LayerNormFunction.apply(x, torch.ones(4, device="meta"), torch.zeros(4))
 
 
 @pytest.mark.parametrize("cls", [LayerNormAutograd, LayerNormManual])

@@ -197,6 +197,119 @@ def test_softmax_finite_for_extreme_logits(dtype):
     np.testing.assert_allclose(y[1], [1 / 3] * 3, rtol=1e-6)
 
 
+# -- the code against the plain formulas of the docstrings -------------------------------------
+# modules.py keeps a faster form of a formula only where it pays (benchmarks/
+# bench_numpy_fast_forms.py); these tests pin every module, fast form or not, to the plain formula
+# written out here in NumPy, forward and backward, in float64.
+
+
+def plain_elu(x, dy, alpha):
+    """Y = where(X > 0, X, α(e^X − 1)); dX = dY ∘ f'(X), f'(x) = 1 if x > 0 else α e^x."""
+    with np.errstate(over="ignore"):  # np.where evaluates e^x for the large positive x too
+        y = np.where(x > 0, x, alpha * (np.exp(x) - 1))
+        dx = dy * np.where(x > 0, 1.0, alpha * np.exp(x))
+    return y, dx
+
+
+def plain_softmax(x, dy):
+    """Y_ic = e^{X_ic} / Σ_k e^{X_ik}; dX_i = J_iᵀ dY_i with J_i = diag(Y_i) − Y_i Y_iᵀ."""
+    e = np.exp(x - x.max(axis=1, keepdims=True))
+    y = e / e.sum(axis=1, keepdims=True)
+    jac = np.einsum("ij,jk->ijk", y, np.eye(x.shape[1])) - np.einsum("ij,ik->ijk", y, y)
+    return y, np.einsum("ijk,ij->ik", jac, dy)
+
+
+def fwd_bwd(module, x, dy):
+    return module.forward(x), module.backward(dy)
+
+
+def assert_tight(got, want, what):
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-14, err_msg=what)
+
+
+@pytest.mark.parametrize("S, D, M", [(1, 1, 1), (5, 7, 3), (32, 40, 10)])
+@pytest.mark.parametrize("input_grad", [True, False])
+def test_fast_forms_match_plain_formulas_linear(S, D, M, input_grad):
+    """Y = X Wᵀ + b; dW = dYᵀ X, db = Σ_s dY, dX = dY W, with W as state_dict shows it (M, D)."""
+    rng = np.random.default_rng(S * D * M)
+    layer = Linear(D, M, init="he", rng=rng, dtype=np.float64, input_grad=input_grad)
+    layer.params["bias"][:] = rng.standard_normal(M)
+    W, b = layer.params["weight"].copy(), layer.params["bias"].copy()
+    assert W.shape == (M, D) and b.shape == (M,)
+    x, dy = rng.standard_normal((S, D)), rng.standard_normal((S, M))
+    y, dx = fwd_bwd(layer, x, dy)
+    assert_tight(y, x @ W.T + b[None, :], "Y")
+    assert_tight(layer.grads["weight"], np.einsum("sm,sd->md", dy, x), "dW")
+    assert_tight(layer.grads["bias"], dy.sum(axis=0), "db")
+    if input_grad:
+        assert_tight(dx, np.einsum("sm,md->sd", dy, W), "dX")
+    else:
+        assert dx is None
+    # backward overwrites (the optimiser holds these very arrays): a second pass gives the same
+    grads = [layer.grads["weight"], layer.grads["bias"]]
+    layer.forward(x), layer.backward(dy)
+    assert layer.grads["weight"] is grads[0] and layer.grads["bias"] is grads[1]
+    assert_tight(grads[0], np.einsum("sm,sd->md", dy, x), "dW, second pass")
+
+
+@pytest.mark.parametrize("alpha", [1.0, 0.3, 2.0])
+def test_fast_forms_match_plain_formulas_elu(alpha):
+    """ELU's fast form (in-place expm1/max forward, min(y, 0) + α backward) vs the plain one."""
+    rng = np.random.default_rng(20)
+    x = 3 * rng.standard_normal((16, 9))
+    x[0, :5] = [0.0, -0.0, 1e-300, -1e-300, 1e-8]  # the kink and its neighbours
+    x[1, :4] = [-50.0, -800.0, 50.0, 800.0]  # far out on both sides (no overflow in the code)
+    dy = rng.standard_normal(x.shape)
+    with np.errstate(over="raise"):
+        y, dx = fwd_bwd(ELU(alpha=alpha), x, dy)
+    y_ref, dx_ref = plain_elu(x, dy, alpha)
+    assert_tight(y, y_ref, "Y")
+    assert_tight(dx, dx_ref, "dX")
+    assert dx[0, 0] == alpha * dy[0, 0]  # left derivative α at x = 0
+
+
+@pytest.mark.parametrize("which", ["relu", "tanh", "softmax"])
+def test_fast_forms_match_plain_formulas_activations(which):
+    rng = np.random.default_rng(21)
+    x = 3 * rng.standard_normal((12, 10))
+    x[0, :2] = 0.0
+    dy = rng.standard_normal(x.shape)
+    if which == "relu":
+        got, want = fwd_bwd(ReLU(), x, dy), (np.maximum(x, 0), dy * (x > 0))
+    elif which == "tanh":
+        got, want = fwd_bwd(Tanh(), x, dy), (np.tanh(x), dy * (1 - np.tanh(x) ** 2))
+    else:
+        got, want = fwd_bwd(SoftMax(), x, dy), plain_softmax(x, dy)
+    assert_tight(got[0], want[0], "Y")
+    assert_tight(got[1], want[1], "dX")
+
+
+@pytest.mark.parametrize("labels", [True, False])
+def test_fast_forms_match_plain_formulas_softmax_cross_entropy(labels):
+    """L = −(1/S) Σ T ∘ log softmax(Z), dL/dZ = (P − T)/S, with T one-hot, for labels too."""
+    rng = np.random.default_rng(22)
+    S, C = 9, 5
+    z, y = 4 * rng.standard_normal((S, C)), rng.integers(0, C, size=S)
+    T = one_hot(y, C)
+    loss_fn = SoftmaxCrossEntropy()
+    loss = loss_fn.forward(z, y if labels else T)
+    dz = loss_fn.backward(0.7)
+    P = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)  # small logits: no max trick needed
+    assert loss == pytest.approx(-(T * np.log(P)).sum() / S, rel=1e-13)
+    assert_tight(dz, 0.7 * (P - T) / S, "dZ")
+
+
+@pytest.mark.parametrize("module", [Linear(6, 4, init="he"), ELU(), ELU(0.5), ReLU(), Tanh(), SoftMax()])
+def test_modules_keep_float32(module):
+    """No silent float64 upcast in any form (a Python scalar in a formula stays weak)."""
+    rng = np.random.default_rng(23)
+    x = rng.standard_normal((3, 6), dtype=np.float32)
+    y = module.forward(x)
+    dx = module.backward(np.ones_like(y))
+    assert y.dtype == dx.dtype == np.float32
+    assert all(g.dtype == np.float32 for g in module.grads.values())
+
+
 # -- losses -----------------------------------------------------------------------------------
 
 
@@ -415,7 +528,7 @@ def test_sgd_step_matches_formula(momentum, nesterov, wd):
         opt.lr = lr  # a schedule sets it each step
         for k in g:
             g[k][...] = rng.standard_normal(g[k].shape)
-            d = g[k] + wd * ref[k]
+            d = g[k] + wd * ref[k] if ref[k].ndim >= 2 else g[k]  # no decay on biases (ndim 1)
             buf[k] = momentum * buf[k] + d
             if momentum:
                 d = d + momentum * buf[k] if nesterov else buf[k]
@@ -463,9 +576,10 @@ def test_adam_matches_reference_over_steps():
         for t in range(1, 4):
             for k in g:
                 g[k][...] = rng.standard_normal(g[k].shape)
-                gk = g[k] if decoupled else g[k] + wd * ref[k]
+                wd_k = wd if ref[k].ndim >= 2 else 0.0  # no decay on biases (ndim 1)
+                gk = g[k] if decoupled else g[k] + wd_k * ref[k]
                 if decoupled:
-                    ref[k] = ref[k] * (1 - lr * wd)
+                    ref[k] = ref[k] * (1 - lr * wd_k)
                 m[k] = b1 * m[k] + (1 - b1) * gk
                 v[k] = b2 * v[k] + (1 - b2) * gk**2
                 m_hat, v_hat = m[k] / (1 - b1**t), v[k] / (1 - b2**t)

@@ -149,6 +149,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     debug = "--debug" in argv
 
     try:
+        if argv[:1] in (["train"], ["sweep"]) and (len(argv) == 1 or argv[1] in ("-h", "--help")):
+            return _dispatch(argv[0], argparse.Namespace(target=(argv[1:] or [None])[0], rest=[]))
         parser = _build_parser()
         args = parser.parse_args(argv)
         if args.command is None:

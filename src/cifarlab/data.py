@@ -12,11 +12,13 @@ are only unpickled after their md5 matched, and always with a restricted unpickl
 from __future__ import annotations
 
 import hashlib
+import http.client
 import io
 import os
 import pickle
 import shutil
 import tarfile
+import urllib.parse
 import urllib.request
 import warnings
 from collections.abc import Iterator
@@ -68,13 +70,19 @@ RECORD = 1 + 32 * 32 * 3  # one label byte + 3072 channel-major pixel bytes
 
 
 def data_root(data_dir: str | os.PathLike | None = None) -> Path:
-    """``data_dir`` > ``$CIFARLAB_DATA`` > ``~/.cache/cifarlab``."""
+    """``data_dir`` > ``$CIFARLAB_DATA`` > ``~/.cache/cifarlab``; a file there is refused."""
     if data_dir is not None:
-        return Path(data_dir).expanduser()
-    env = os.environ.get("CIFARLAB_DATA")
-    if env:
-        return Path(env).expanduser()
-    return Path.home() / ".cache" / "cifarlab"
+        root, what = Path(data_dir).expanduser(), "--data-dir"
+    elif os.environ.get("CIFARLAB_DATA"):
+        root, what = Path(os.environ["CIFARLAB_DATA"]).expanduser(), "$CIFARLAB_DATA"
+    else:
+        root, what = Path.home() / ".cache" / "cifarlab", "the data folder"
+    for p in (root, *root.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise DataError(f"{what} {root}: {p} is a file; point it to the folder holding {BIN_DIR}/")
+            break
+    return root
 
 
 def find_dataset(data_dir: str | os.PathLike | None = None) -> Path | None:
@@ -244,9 +252,13 @@ def download_cifar10(
     from tqdm import tqdm
 
     root = data_root(data_dir)
-    root.mkdir(parents=True, exist_ok=True)
     url = url or os.environ.get("CIFARLAB_URL") or URL
-    md5 = md5 or os.environ.get("CIFARLAB_TARBALL_MD5") or TARBALL_MD5
+    md5 = (md5 or os.environ.get("CIFARLAB_TARBALL_MD5") or TARBALL_MD5).lower()
+    if urllib.parse.urlsplit(url).scheme not in ("http", "https") or not urllib.parse.urlsplit(url).netloc:
+        raise DataError(f"unsupported download URL {url!r}: give an http:// or https:// address")
+    if len(md5) != 32 or any(c not in "0123456789abcdef" for c in md5):
+        raise DataError(f"--md5 {md5!r} is not an md5 (32 hexadecimal digits)")
+    root.mkdir(parents=True, exist_ok=True)
     tarball = root / TARBALL
     if not (tarball.is_file() and md5_file(tarball) == md5):
         part = tarball.with_name(TARBALL + ".part")
@@ -266,8 +278,13 @@ def download_cifar10(
                         out.write(block)
                         h.update(block)
                         bar.update(len(block))
-        except OSError as e:  # URLError, IncompleteRead, timeouts, disk full
-            raise DataError(f"download of {url} failed: {e}; {part} is incomplete") from None
+        except (OSError, ValueError, http.client.HTTPException) as e:  # URLError, timeouts, disk full
+            if part.is_file() and part.stat().st_size == 0:
+                part.unlink()
+            raise DataError(
+                f"download of {url} failed ({e}); without network, fetch that file by hand into {root} "
+                f"and run `cifarlab data download --data-dir {root}`"
+            ) from None
         if h.hexdigest() != md5:
             raise DataError(
                 f"{part}: md5 mismatch after download ({h.hexdigest()}, expected {md5}); "

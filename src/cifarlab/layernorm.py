@@ -53,7 +53,9 @@ __all__ = [
 # "eager": the formulas as a few PyTorch tensor ops (below, in LayerNormFunction).
 # "kernel": the same formulas fused per row in C (src/cifarlab/kernels/layernorm.c), compiled on
 #   first use; each row is then read from memory ~2 times per pass instead of ~8 (forward) and
-#   ~14 (backward) for the eager ops. CPU float32/float64 tensors only; anything else runs eager.
+#   ~14 (backward) for the eager ops. CPU float32/float64 tensors only; anything else (another
+#   device, float16, bfloat16, an empty input) runs eager. Every tensor is checked before its
+#   pointer reaches C, and held until C returns: see _call_kernel.
 # "auto" (default): the kernel when it can be built, else eager.
 BACKENDS = ("auto", "kernel", "eager")
 _backend = os.environ.get("CIFARLAB_LAYERNORM", "auto")
@@ -104,11 +106,50 @@ def _load_kernel() -> ctypes.CDLL | None:
 
 
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
+_KERNEL_STATUS = {1: "could not allocate its scratch memory", 2: "rejected its arguments"}
+
+
+class _DtypeMismatchError(ValueError, TypeError):
+    """γ or β of another dtype than x: a ValueError like every other argument check, and a
+    TypeError as it always was (so ``except TypeError`` keeps working)."""
+
+
+def _check_arguments(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor) -> None:
+    """Raise ``ValueError`` unless x is a dense tensor of shape (..., M) and γ, β are dense 1-D
+    tensors of shape (M,) with x's dtype and device (checked on both backends)."""
+    for name, t in (("x", x), ("gamma", gamma), ("beta", beta)):
+        if t.layout != torch.strided:
+            raise ValueError(f"LayerNormFunction expected a dense (strided) {name} but got layout {t.layout}")
+    if x.dim() == 0:
+        raise ValueError("LayerNormFunction expected an input of shape (..., M), got 0-d")
+    m = x.shape[-1]
+    for name, p in (("gamma", gamma), ("beta", beta)):
+        if p.shape != (m,):
+            raise ValueError(
+                f"LayerNormFunction expected {name} of shape ({m},) to match the input's "
+                f"last dimension but got {tuple(p.shape)}"
+            )
+        if p.dtype != x.dtype:
+            raise _DtypeMismatchError(
+                f"LayerNormFunction expected {name} of dtype {x.dtype} (the input's) but got {p.dtype}"
+            )
+        if p.device != x.device:
+            raise ValueError(
+                f"LayerNormFunction expected {name} on device {x.device} (the input's) but got {p.device}"
+            )
 
 
 def _kernel_for(x: torch.Tensor) -> ctypes.CDLL | None:
-    """The loaded kernel if ``x`` should go through it, else None (eager)."""
-    if _backend == "eager" or x.device.type != "cpu" or x.dtype not in _SUFFIX or x.numel() == 0:
+    """The loaded kernel if ``x`` should go through it, else None (eager): only a non-empty CPU
+    float32/float64 input goes to C (its γ, β are then CPU tensors of its dtype, by
+    :func:`_check_arguments`); every other device and dtype runs eager."""
+    if (
+        _backend == "eager"
+        or x.device.type != "cpu"
+        or x.layout != torch.strided
+        or x.dtype not in _SUFFIX
+        or x.numel() == 0
+    ):
         return None
     lib = _load_kernel()
     if lib is None and _backend == "kernel":
@@ -116,36 +157,101 @@ def _kernel_for(x: torch.Tensor) -> ctypes.CDLL | None:
     return lib
 
 
-def _ptr(t: torch.Tensor | None) -> int | None:
-    return None if t is None else t.data_ptr()
+def _dense(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as plain row-major memory: a copy if it is not contiguous (a transpose, a strided
+    or an expanded view) or carries a lazy negation bit (the bit is not in the memory C reads)."""
+    return t.resolve_neg().resolve_conj().contiguous()
+
+
+def _unfit_for_c(t: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...]) -> str | None:
+    """Why ``t`` cannot be handed to C as a row-major ``dtype`` array of ``shape``, or None."""
+    if t.device.type != "cpu":
+        return f"is on {t.device}, not the CPU"
+    if t.layout != torch.strided:
+        return f"is not dense (layout {t.layout})"
+    if t.dtype != dtype:
+        return f"has dtype {t.dtype}, not {dtype}"
+    if tuple(t.shape) != shape:
+        return f"has shape {tuple(t.shape)}, not {shape}"
+    if not t.is_contiguous():
+        return "is not contiguous"
+    if t.is_neg() or t.is_conj():
+        return "has a lazy negation or conjugation bit"
+    return None
+
+
+def _c_pointers(
+    dtype: torch.dtype, arrays: dict[str, tuple[torch.Tensor | None, tuple[int, ...]]]
+) -> list[int | None]:
+    """Data pointers for C, in the order of ``arrays`` (name -> (tensor or None, shape)), after
+    the last checks: each tensor must be a dense, contiguous CPU tensor of ``dtype`` and of
+    exactly the given shape, with no lazy negation/conjugation bit; None passes as NULL.
+    Otherwise ``ValueError``, and no pointer is handed out (the callers convert their arguments
+    first, so this fires only on a bug of theirs). The caller must keep every tensor referenced
+    until C returns: :func:`_call_kernel` does."""
+    pointers = []
+    for name, (t, shape) in arrays.items():
+        problem = None if t is None else _unfit_for_c(t, dtype, shape)
+        if problem is not None:
+            raise ValueError(f"LayerNorm kernel: {name} {problem}; refusing to pass it to C")
+        pointers.append(None if t is None else t.data_ptr())
+    return pointers
+
+
+def _call_kernel(fn, dtype: torch.dtype, arrays: dict, *sizes) -> None:
+    """Check ``arrays`` (see :func:`_c_pointers`) and call ``fn(*pointers, *sizes)``. ``arrays``
+    holds every tensor for the whole call, so no pointer can outlive its memory (a temporary
+    such as ``t.contiguous()`` passed as a bare pointer would be freed before C reads it)."""
+    status = fn(*_c_pointers(dtype, arrays), *sizes)
+    if status == 1:
+        raise MemoryError(f"LayerNorm kernel: {_KERNEL_STATUS[1]}")
+    if status != 0:
+        raise ValueError(f"LayerNorm kernel: {_KERNEL_STATUS.get(status, f'returned status {status}')}")
 
 
 def _kernel_forward(lib, x, gamma, beta, eps):
     """(y, xhat, rstd) from the C kernel; shapes as the eager path's."""
     m = x.shape[-1]
-    x2 = x.contiguous().view(-1, m)
+    x2 = _dense(x).view(-1, m)
     n = x2.shape[0]
     y, xhat = torch.empty_like(x2), torch.empty_like(x2)
     rstd = torch.empty(n, 1, dtype=x.dtype)
-    fn = getattr(lib, f"cl_layernorm_forward_{_SUFFIX[x.dtype]}")
-    g, b = gamma.contiguous(), beta.contiguous()
-    fn(_ptr(x2), _ptr(g), _ptr(b), _ptr(y), _ptr(xhat), _ptr(rstd), n, m, float(eps))
+    rows, row = (n, m), (m,)
+    arrays = {
+        "x": (x2, rows),
+        "gamma": (_dense(gamma), row),
+        "beta": (_dense(beta), row),
+        "y": (y, rows),
+        "xhat": (xhat, rows),
+        "rstd": (rstd, (n, 1)),
+    }
+    _call_kernel(getattr(lib, f"cl_layernorm_forward_{_SUFFIX[x.dtype]}"), x.dtype, arrays, n, m, float(eps))
     return y.view(x.shape), xhat.view(x.shape), rstd.view(*x.shape[:-1], 1)
 
 
 def _kernel_backward(lib, grad_y, xhat, rstd, gamma, need_x, need_gamma, need_beta):
+    if grad_y.shape != xhat.shape:  # else view(-1, m) could give C more rows than X̂ has
+        raise ValueError(
+            f"LayerNormFunction.backward expected a gradient of shape {tuple(xhat.shape)} "
+            f"but got {tuple(grad_y.shape)}"
+        )
     m = xhat.shape[-1]
-    dy = grad_y.contiguous().view(-1, m)
+    dy = _dense(grad_y).view(-1, m)
     n = dy.shape[0]
-    dx = torch.empty_like(dy) if need_x else None
-    dgamma = torch.empty(m, dtype=dy.dtype) if need_gamma else None
-    dbeta = torch.empty(m, dtype=dy.dtype) if need_beta else None
-    fn = getattr(lib, f"cl_layernorm_backward_{_SUFFIX[dy.dtype]}")
-    status = fn(
-        _ptr(dy), _ptr(xhat), _ptr(rstd), _ptr(gamma.contiguous()), _ptr(dx), _ptr(dgamma), _ptr(dbeta), n, m
-    )
-    if status != 0:
-        raise MemoryError("LayerNorm kernel: could not allocate its scratch memory")
+    dx = torch.empty_like(xhat).view(n, m) if need_x else None
+    dgamma = torch.empty(m, dtype=xhat.dtype) if need_gamma else None
+    dbeta = torch.empty(m, dtype=xhat.dtype) if need_beta else None
+    rows, row = (n, m), (m,)
+    arrays = {
+        "dy": (dy, rows),
+        "xhat": (xhat.reshape(n, m), rows),
+        "rstd": (rstd.reshape(n, 1), (n, 1)),
+        "gamma": (_dense(gamma), row),
+        "dx": (dx, rows),
+        "dgamma": (dgamma, row),
+        "dbeta": (dbeta, row),
+    }
+    _call_kernel(getattr(lib, f"cl_layernorm_backward_{_SUFFIX[xhat.dtype]}"), xhat.dtype, arrays, n, m)
     return (None if dx is None else dx.view(xhat.shape)), dgamma, dbeta
 
 
@@ -166,6 +272,14 @@ class LayerNormFunction(torch.autograd.Function):
     Call as ``LayerNormFunction.apply(x, gamma, beta, eps=1e-5)`` with ``x`` of shape
     ``(..., M)`` and ``gamma``, ``beta`` of shape ``(M,)`` (same dtype and device as ``x``).
     Returns ``Y = gamma ∘ X̂ + beta`` of the shape of ``x``.
+
+    Arguments are checked on both backends: a 0-d ``x``, ``gamma``/``beta`` not of shape
+    ``(M,)``, of another dtype than ``x`` (that error is also a ``TypeError``) or on another
+    device, and sparse (non-strided) tensors raise ``ValueError``. The C kernel (backend
+    ``'kernel'``/``'auto'``) takes only non-empty CPU float32/float64 inputs; any other device or
+    dtype (float16, bfloat16, ...) runs the eager path, as does an empty input. Non-contiguous
+    ``x``, ``gamma``, ``beta`` and upstream gradients (transposes, strided or expanded views)
+    are copied to contiguous memory before their pointers reach C.
 
     Forward (a few eager ops, no layer-norm kernel):
         μ = mean(x, -1); X̂ ← x − μ (one fresh tensor); σ̂² = ‖X̂‖²/M + ε per row (a vector
@@ -207,19 +321,8 @@ class LayerNormFunction(torch.autograd.Function):
         beta: torch.Tensor,
         eps: float = 1e-5,
     ) -> torch.Tensor:
-        if x.dim() == 0:
-            raise ValueError("LayerNormFunction expected an input of shape (..., M), got 0-d")
+        _check_arguments(x, gamma, beta)
         m = x.shape[-1]
-        for name, p in (("gamma", gamma), ("beta", beta)):
-            if p.shape != (m,):
-                raise ValueError(
-                    f"LayerNormFunction expected {name} of shape ({m},) to match the input's "
-                    f"last dimension but got {tuple(p.shape)}"
-                )
-            if p.dtype != x.dtype:
-                raise TypeError(
-                    f"LayerNormFunction expected {name} of dtype {x.dtype} (the input's) but got {p.dtype}"
-                )
         lib = _kernel_for(x)
         ctx.kernel = lib
         if lib is not None:

@@ -12,7 +12,10 @@
  * Rows are split across OpenMP threads. Loaded from Python with ctypes after torch, whose
  * bundled libgomp.so.1 then serves these parallel regions too (one thread pool, not two).
  * A NULL output pointer means "not needed": that gradient is not computed.
- * Returns 0, or 1 if scratch memory could not be allocated.
+ * Arrays are dense and row-major: x, y, xhat, dy, dx are n x m, rstd is n x 1, gamma, beta,
+ * dgamma, dbeta have m entries (the Python side checks this before passing any pointer).
+ * Returns 0; 1 if scratch memory could not be allocated; 2 if an argument is invalid (a
+ * NULL pointer where an array is required, n < 0 or m < 1): then nothing is read or written.
  */
 #include <math.h>
 #include <stdint.h>
@@ -29,6 +32,9 @@ static int omp_get_thread_num(void) { return 0; }
 int cl_layernorm_forward_##SUFFIX(const T *x, const T *gamma, const T *beta, T *y, T *xhat,  \
                                   T *rstd, int64_t n, int64_t m, double eps)                 \
 {                                                                                             \
+    if (x == NULL || gamma == NULL || beta == NULL || y == NULL || xhat == NULL ||            \
+        rstd == NULL || n < 0 || m < 1)                                                       \
+        return 2;                                                                             \
     _Pragma("omp parallel for schedule(static)")                                              \
     for (int64_t i = 0; i < n; i++) {                                                         \
         const T *xr = x + i * m;                                                              \
@@ -58,6 +64,9 @@ int cl_layernorm_forward_##SUFFIX(const T *x, const T *gamma, const T *beta, T *
 int cl_layernorm_backward_##SUFFIX(const T *dy, const T *xhat, const T *rstd, const T *gamma, \
                                    T *dx, T *dgamma, T *dbeta, int64_t n, int64_t m)         \
 {                                                                                             \
+    if (dy == NULL || xhat == NULL || n < 0 || m < 1 ||                                       \
+        (dx != NULL && (rstd == NULL || gamma == NULL)))                                      \
+        return 2;                                                                             \
     const int need_params = dgamma != NULL || dbeta != NULL;                                  \
     const int nthreads = omp_get_max_threads();                                               \
     T *partial = NULL; /* per-thread column sums: [thread][dgamma | dbeta][m] */              \

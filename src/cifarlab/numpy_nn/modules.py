@@ -11,6 +11,14 @@ Modules with parameters keep them in ``params`` and their gradients in ``grads``
 
 The formulas are derived in ``docs/derivations.md``; each method names the equation it
 implements. Notation: S = batch size, D = input features, M = output features, C = classes.
+
+Every method computes the formula in its docstring as written, except where a faster form of it
+measurably pays off: then the docstring gives the plain formula and says how the code differs,
+``tests/test_numpy_nn.py::test_fast_forms_match_plain_formulas_*`` check the code against the
+plain formula written out in NumPy, and ``benchmarks/bench_numpy_fast_forms.py`` times the two
+(the rule: a fast form is kept only if it saves at least 5 % of forward+backward time at the
+trainer's shapes; see docs/benchmarks.md, "NumPy fast forms vs plain formulas"). The one kept
+is ELU's.
 """
 
 from __future__ import annotations
@@ -59,7 +67,17 @@ class Module:
 
 
 class Linear(Module):
-    """Fully connected layer, Y = X Wᵀ + b.
+    """Fully connected layer (docs/derivations.md, "Linear layer").
+
+    forward:  Y = X Wᵀ + b                  X (S, D), W (M, D), b (M,) -> Y (S, M)
+    backward: dW = dYᵀ X                    dY (S, M), X (S, D)        -> dW (M, D)
+              db = Σ_s dY  (= 1ᵀ dY)        dY (S, M)                  -> db (M,)
+              dX = dY W                     dY (S, M), W (M, D)        -> dX (S, D)
+
+    The code computes exactly these products, with W stored row-major as its shape (M, D) reads
+    (a column-major W, i.e. a C-contiguous Wᵀ, saved nothing measurable; see
+    docs/benchmarks.md). dW and db are written into the existing ``grads`` arrays, which
+    optimisers hold on to.
 
     Args:
         in_features: D, the number of input features.
@@ -106,12 +124,6 @@ class Linear(Module):
         shape = (self.out_features, self.in_features)
         weight = rng.standard_normal(shape, dtype=dtype)
         weight *= std
-        # W is (M, D) but stored column-major, i.e. Wᵀ is a C-contiguous (D, M) array: then
-        # X Wᵀ and the dW product are plain row-major GEMMs, which OpenBLAS runs fastest (up to
-        # 15% faster than with a row-major W for narrow layers such as 3072 -> 100; see
-        # docs/benchmarks.md). Values and shape are unchanged; zeros_like keeps the order for
-        # the gradient and the optimiser buffers.
-        weight = np.asfortranarray(weight)
         self.params = {"weight": weight, "bias": np.zeros(self.out_features, dtype=dtype)}
         self.grads = {k: np.zeros_like(v) for k, v in self.params.items()}
         self._x: np.ndarray | None = None
@@ -127,30 +139,28 @@ class Linear(Module):
         """
         self._x = x
         W, b = self.params["weight"], self.params["bias"]
-        y = x @ W.T  # Wᵀ is C-contiguous (see __init__)
-        y += b
-        return y
+        return x @ W.T + b
 
     def backward(self, dout: np.ndarray) -> np.ndarray | None:
-        """dW = dYᵀ X,  db = 1ᵀ dY (sum over the batch),  dX = dY W.
+        """dW = dYᵀ X,  db = Σ_s dY (= 1ᵀ dY, the sum over the batch),  dX = dY W.
 
         Inputs:
-            dout: dL/dY, shape (S, M).
+            dout: dY = dL/dY, shape (S, M).
         Returns:
-            dx: dL/dX, shape (S, D), or None if ``input_grad`` is False.
-        Sets ``grads['weight']`` (M, D) and ``grads['bias']`` (M,).
+            dx: dX = dL/dX, shape (S, D), or None if ``input_grad`` is False.
+        Sets ``grads['weight']`` = dW, shape (M, D), and ``grads['bias']`` = db, shape (M,).
         """
         x = self._x
         if x is None:
             raise RuntimeError("Linear.backward called before forward")
         W = self.params["weight"]
-        # dW = dYᵀ X, evaluated as (Xᵀ dY)ᵀ straight into the C-contiguous grads['weight'].T
-        np.matmul(x.T, dout, out=self.grads["weight"].T)
+        # dW = dYᵀ X: (M, S) @ (S, D)
+        np.matmul(dout.T, x, out=self.grads["weight"])
         # db = 1ᵀ dY: b is added to every sample, so its gradient sums dY over the batch
         np.sum(dout, axis=0, out=self.grads["bias"])
         if not self.input_grad:
             return None
-        # dX = dY W (row-major like dY, so the next backward's elementwise ops run contiguous)
+        # dX = dY W: (S, M) @ (M, D)
         return dout @ W
 
     def __repr__(self) -> str:
@@ -161,9 +171,21 @@ class Linear(Module):
 
 
 class ELU(Module):
-    """Exponential linear unit, y = x if x > 0 else α(eˣ − 1).
+    """Exponential linear unit (docs/derivations.md, "Elementwise activations").
 
-    dy/dx = 1 if x > 0 else α eˣ = y + α, so backward needs only the cached output y.
+    forward:  Y = where(X > 0, X, α(e^X − 1))                 X (S, D) -> Y (S, D)
+    backward: dX = dY ∘ where(Y > 0, 1, Y + α)                 dY (S, D) -> dX (S, D)
+
+    (dy/dx = 1 if x > 0 else α eˣ = y + α, so backward needs only the cached output Y; at x = 0
+    it takes the left derivative α.)
+
+    Fast form, kept because it saves 32–42 % of forward+backward time at the trainer's shapes
+    (``benchmarks/bench_numpy_fast_forms.py``; ``np.where`` evaluates both branches into fresh
+    arrays): forward computes α·expm1(min(X, 0)) in place and then takes the elementwise max
+    with X (for α <= 1: α(e^x − 1) >= x where x <= 0, and 0 < x where x > 0; for α > 1 it adds
+    max(X, 0) instead); backward builds min(Y, 0) + α in place (= Y + α where Y <= 0, α where
+    Y > 0, corrected to 1 there when α != 1) and multiplies by dY. e^x is only ever evaluated on
+    min(x, 0), so large positive inputs cannot overflow.
     """
 
     def __init__(self, alpha: float = 1.0) -> None:
@@ -174,7 +196,10 @@ class ELU(Module):
         self._y: np.ndarray | None = None
 
     def forward(self, x: np.ndarray) -> np.ndarray:
-        """Inputs: x, shape (S, D). Returns y, shape (S, D). Caches y."""
+        """Y = where(X > 0, X, α(e^X − 1)) (fast form, see the class docstring).
+
+        Inputs: x, shape (S, D). Returns y, shape (S, D). Caches y.
+        """
         # α(e^x − 1) on min(x, 0): exp never sees a positive number (no overflow), and the
         # result is 0 where x > 0. In place: one new array and few passes over memory.
         y = np.minimum(x, 0)
@@ -190,7 +215,10 @@ class ELU(Module):
         return y
 
     def backward(self, dout: np.ndarray) -> np.ndarray:
-        """dx = dout ∘ (1 if y > 0 else y + α). Inputs: dout, shape (S, D). Returns (S, D)."""
+        """dX = dY ∘ where(Y > 0, 1, Y + α) (fast form, see the class docstring).
+
+        Inputs: dout, dY of shape (S, D). Returns dX, shape (S, D).
+        """
         y = self._y
         if y is None:
             raise RuntimeError("ELU.backward called before forward")
@@ -206,7 +234,13 @@ class ELU(Module):
 
 
 class ReLU(Module):
-    """Rectified linear unit, y = max(x, 0); dy/dx = 1 if x > 0 else 0 (we take 0 at x = 0)."""
+    """Rectified linear unit.
+
+    forward:  Y = max(X, 0)                X (S, D) -> Y (S, D)
+    backward: dX = dY ∘ [Y > 0]            dY (S, D) -> dX (S, D)
+
+    (dy/dx = 1 if x > 0 else 0; we take 0 at x = 0.)
+    """
 
     def __init__(self) -> None:
         super().__init__()
@@ -227,7 +261,11 @@ class ReLU(Module):
 
 
 class Tanh(Module):
-    """Hyperbolic tangent, y = tanh(x); dy/dx = 1 − y²."""
+    """Hyperbolic tangent.
+
+    forward:  Y = tanh(X)                  X (S, D) -> Y (S, D)
+    backward: dX = dY ∘ (1 − Y²)           dY (S, D) -> dX (S, D)   (dy/dx = 1 − tanh² x)
+    """
 
     def __init__(self) -> None:
         super().__init__()
@@ -244,14 +282,15 @@ class Tanh(Module):
         y = self._y
         if y is None:
             raise RuntimeError("Tanh.backward called before forward")
-        dx = y * y
-        np.subtract(1, dx, out=dx)  # 1 − y², in place
-        dx *= dout
-        return dx
+        return dout * (1 - y * y)
 
 
 class SoftMax(Module):
-    """Row-wise softmax, Y_ic = exp(X_ic) / Σ_k exp(X_ik).
+    """Row-wise softmax (docs/derivations.md, "Softmax").
+
+    forward:  Y_ic = exp(X_ic) / Σ_k exp(X_ik)          X (S, C) -> Y (S, C)
+    backward: dX = Y ∘ (dY − rowsum(dY ∘ Y))             dY (S, C) -> dX (S, C)
+              (row i: dX_i = J_iᵀ dY_i with the Jacobian J_i = diag(Y_i) − Y_i Y_iᵀ)
 
     Forward subtracts the row maximum first (the "max trick"): softmax is invariant to adding a
     constant per row, and afterwards every exponent is <= 0, so exp cannot overflow and the
@@ -264,9 +303,8 @@ class SoftMax(Module):
 
     def forward(self, x: np.ndarray) -> np.ndarray:
         """Inputs: x, logits of shape (S, C). Returns y, probabilities (S, C). Caches y."""
-        y = x - x.max(axis=1, keepdims=True)
-        np.exp(y, out=y)
-        y /= y.sum(axis=1, keepdims=True)
+        e = np.exp(x - x.max(axis=1, keepdims=True))
+        y = e / e.sum(axis=1, keepdims=True)
         self._y = y
         return y
 
@@ -354,7 +392,12 @@ class SoftmaxCrossEntropy:
     than the SoftMax Jacobian-vector product followed by −T/(S P).
 
     ``forward(logits, targets)`` caches P (as ``self.probs``) and the targets;
-    ``backward(dloss=1.0)`` returns dloss · dL/dZ.
+    ``backward(dloss=1.0)`` returns dloss · dL/dZ. Shapes: Z, P, T (S, C) (or T (S,) integer
+    labels), L a scalar, dL/dZ (S, C).
+
+    With integer labels y the one-hot T (T_ic = [c = y_i]) is never formed: the loss picks
+    log P_{i, y_i} by indexing and the gradient subtracts 1 at (i, y_i), which is the same
+    formula, not a faster form of it.
     """
 
     def __init__(self) -> None:

@@ -1,0 +1,412 @@
+"""Bad inputs: each is one line on stderr, exit status 2, no traceback, nothing already written
+changed and no half-made run directory. docs/robustness.md lists them with their messages."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from safetensors.numpy import save_file
+
+from cifarlab import checkpoints, data, inference
+from cifarlab.cli import main
+
+TINY = ["--no-progress", "--max-steps", "4", "--eval-freq", "2", "--batch-size", "20"]
+
+
+def fails(argv: list[str], capsys, match: str) -> str:
+    """Run the CLI; assert the one-line error contract; returns the message."""
+    assert main(argv) == 2
+    out, err = capsys.readouterr()
+    assert err.startswith("cifarlab: error: ") and err.count("\n") == 1, err
+    assert "Traceback" not in err and match in err, err
+    assert "cifarlab: error: cifarlab" not in err  # the prefix is not repeated
+    return err
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def tiny_run(synthetic, tmp_path):
+    out = tmp_path / "run"
+    assert main(["train", "mlp", "--data-dir", str(synthetic[0]), "--out", str(out), *TINY]) == 0
+    return out
+
+
+# ----------------------------------------------------------------------------- numeric flags
+
+
+@pytest.mark.parametrize(
+    "model, flags, match",
+    [
+        ("mlp", ["--threads", "-1"], "--threads must be in [0, 1024]"),
+        ("mlp", ["--threads", "1000"], "--threads 1000 is over 4x"),
+        ("mlp", ["--dropout", "1"], "--dropout must be in [0, 1)"),
+        ("mlp", ["--dropout", "-0.1"], "--dropout must be in [0, 1)"),
+        ("mlp", ["--seed", "-1"], "--seed must be in [0, 4.29497e+09]"),
+        ("mlp", ["--seed", str(2**32)], "--seed must be in"),
+        ("mlp", ["--momentum", "1.5"], "--momentum must be in [0, 1)"),
+        ("mlp", ["--weight-decay", "-0.1"], "--weight-decay must be in [0, inf)"),
+        ("mlp", ["--weight-decay", "nan"], "--weight-decay must be a finite number"),
+        ("mlp", ["--learning-rate", "inf"], "--learning-rate must be a finite number"),
+        ("mlp", ["--learning-rate", "0"], "--learning-rate must be in (0, inf)"),
+        ("mlp", ["--learning-rate", "nan"], "--learning-rate must be a finite number"),
+        ("mlp", ["--max-steps", "0"], "--max-steps must be in [1, 1e+09]"),
+        ("mlp", ["--max-steps", "ten"], "invalid int value: 'ten'"),
+        ("mlp", ["--batch-size", "0"], "--batch-size must be in [1, 50000]"),
+        ("mlp", ["--eval-freq", "0"], "--eval-freq must be in [1, inf)"),
+        ("mlp", ["--eval-batch-size", "0"], "--eval-batch-size must be in [1, 50000]"),
+        ("mlp", ["--max-steps", "10", "--warmup-steps", "50"], "--warmup-steps must be at most --max-steps"),
+        ("mlp", ["--label-smoothing", "1"], "--label-smoothing must be in [0, 1)"),
+        ("mlp", ["--grad-clip", "-1"], "--grad-clip must be in [0, inf)"),
+        ("mlp", ["--optimizer", "rmsprop"], "invalid choice: 'rmsprop'"),
+        ("mlp", ["--dnn-hidden-units", "0"], "layer sizes must be positive"),
+        ("mlp", ["--dnn-hidden-units", "10,x"], "expected comma-separated integers"),
+        ("mlp", ["--dnn-hidden-units", "100000,100000"], "GiB as float32), over the 4 GiB limit"),
+        ("mlp-numpy", ["--dnn-hidden-units", "40000,40000"], "over the 4 GiB limit"),
+        ("mlp-numpy", ["--label-smoothing", "0.1"], "unrecognized arguments: --label-smoothing"),
+        ("mlp-numpy", ["--activation", "gelu"], "invalid choice: 'gelu'"),
+        ("efficientnet_lite0", ["--image-size", "8"], "--image-size must be in [32, 512]"),
+        ("efficientnet_lite0", ["--image-size", "100000"], "--image-size must be in [32, 512]"),
+        ("convnet", ["--preset", "fastest"], "invalid choice: 'fastest'"),
+    ],
+)
+def test_bad_flag_is_refused_before_anything_is_written(
+    model, flags, match, synthetic, tmp_path, capsys, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)  # the default run folder would be ./runs
+    out = tmp_path / "out"
+    fails(["train", model, "--data-dir", str(synthetic[0]), "--out", str(out), *TINY, *flags], capsys, match)
+    assert not out.exists() and not (tmp_path / "runs").exists()
+    fails(["train", model, "--data-dir", str(synthetic[0]), *TINY, *flags], capsys, match)
+    assert not (tmp_path / "runs").exists()
+
+
+# ----------------------------------------------------------------------------- paths and data
+
+
+def test_out_under_a_file_or_a_file(synthetic, tmp_path, capsys):
+    f = tmp_path / "file.txt"
+    f.write_text("keep")
+    fails(
+        ["train", "mlp", "--data-dir", str(synthetic[0]), "--out", str(f / "run"), *TINY],
+        capsys,
+        "which is a file",
+    )
+    fails(["train", "mlp", "--data-dir", str(synthetic[0]), "--out", str(f), *TINY], capsys, "is a file")
+    assert f.read_text() == "keep"
+
+
+def test_out_not_empty_keeps_its_files(synthetic, tmp_path, capsys):
+    out = tmp_path / "r"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    fails(["train", "mlp", "--data-dir", str(synthetic[0]), "--out", str(out), *TINY], capsys, "not empty")
+    assert snapshot(out) == {"precious.txt": b"keep me"}
+
+
+def test_data_env_pointing_to_a_file(tmp_path, capsys, monkeypatch):
+    f = tmp_path / "cifar.tar.gz"
+    f.write_bytes(b"x")
+    monkeypatch.setenv("CIFARLAB_DATA", str(f))
+    fails(["data", "verify"], capsys, "$CIFARLAB_DATA")
+    fails(["train", "mlp", "--out", str(tmp_path / "r"), *TINY], capsys, "is a file")
+    assert not (tmp_path / "r").exists()
+
+
+def test_missing_data_leaves_no_run_directory(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("CIFARLAB_URL", "http://127.0.0.1:9/cifar-10-binary.tar.gz")  # nothing listens
+    fails(
+        ["train", "mlp", "--data-dir", str(tmp_path), "--out", str(tmp_path / "r"), *TINY],
+        capsys,
+        "fetch that file by hand",
+    )
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize(
+    "flags, match",
+    [
+        (["--url", "ftp://example.org/c.tar.gz"], "unsupported download URL"),
+        (["--url", "not a url"], "unsupported download URL"),
+        (["--url", "http://127.0.0.1:9/c.tar.gz", "--md5", "xyz"], "is not an md5"),
+    ],
+)
+def test_bad_download_options(flags, match, tmp_path, capsys):
+    fails(["data", "download", "--data-dir", str(tmp_path / "d"), "--no-progress", *flags], capsys, match)
+    assert not (tmp_path / "d").exists()
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def _write_checkpoint(path: Path, tiny_run: Path, meta=None, drop=(), reshape=None, prep_shape=None):
+    """A copy of tiny_run's checkpoint with its metadata or arrays damaged."""
+    from safetensors import safe_open
+
+    with safe_open(str(tiny_run / "checkpoint" / "model.safetensors"), "np") as f:
+        arrays = {k: f.get_tensor(k) for k in f.keys() if k not in drop}
+        md = f.metadata()
+    if reshape:
+        arrays[reshape] = np.zeros((3, 3), np.float32)
+    if prep_shape:
+        arrays["__preprocess__.shift"] = np.zeros(prep_shape, np.float32)
+    if meta is not None:
+        md = meta if meta != "none" else None
+    save_file(arrays, str(path), metadata=md)
+    return path
+
+
+def _meta(tiny_run: Path, **changes) -> dict[str, str]:
+    m = checkpoints.load(tiny_run)
+    base = {"format_version": 1, "model": m.model, "model_kwargs": m.model_kwargs, "preprocess": "seed"}
+    return {"cifarlab": json.dumps({**base, **changes})}
+
+
+@pytest.mark.parametrize(
+    "damage, match",
+    [
+        ({"meta": "none"}, "not a cifarlab checkpoint (no 'cifarlab' metadata)"),
+        ({"meta": {"cifarlab": "{not json"}}, "metadata is not JSON"),
+        ({"meta": {"cifarlab": "[1, 2]"}}, "metadata is not a JSON object"),
+        ({"meta": "model=resnet9"}, "unknown model 'resnet9'"),
+        ({"meta": "model_kwargs=bogus"}, "checkpoint does not match its model mlp"),
+        ({"meta": "format_version=99"}, "checkpoint format 99"),
+        ({"meta": "preprocess=zca"}, "unknown preprocessing 'zca'"),
+        ({"reshape": "output.weight"}, "checkpoint does not match its model mlp"),
+        ({"drop": ("output.bias",)}, "checkpoint does not match its model mlp"),
+        ({"drop": ("__preprocess__.scale",)}, "__preprocess__.scale is missing"),
+        ({"prep_shape": (5, 5)}, "preprocessing array __preprocess__.shift is float32(5, 5)"),
+    ],
+)
+def test_damaged_or_foreign_checkpoint(damage, match, tiny_run, synthetic, tmp_path, capsys):
+    meta = damage.get("meta")
+    if isinstance(meta, str) and "=" in meta:
+        key, value = meta.split("=")
+        value = {"bogus": {"n_hidden": [100], "wings": 2}}.get(
+            value, int(value) if value.isdigit() else value
+        )
+        meta = _meta(tiny_run, **{key: value})
+    kw = {k: v for k, v in damage.items() if k != "meta"}
+    f = _write_checkpoint(tmp_path / "bad.safetensors", tiny_run, meta=meta, **kw)
+    fails(["eval", str(f), "--data-dir", str(synthetic[0]), "--out", str(tmp_path / "e")], capsys, match)
+    assert not (tmp_path / "e").exists()
+    img = tmp_path / "x.png"
+    Image.new("RGB", (8, 8)).save(img)
+    fails(["predict", str(f), str(img)], capsys, match)
+
+
+def test_not_a_safetensors_file(tmp_path, capsys):
+    f = tmp_path / "model.safetensors"
+    f.write_bytes(b"\x00" * 7)
+    fails(["predict", str(f), str(f)], capsys, "cannot read image")  # images are checked first
+    img = tmp_path / "x.png"
+    Image.new("RGB", (8, 8)).save(img)
+    fails(["predict", str(f), str(img)], capsys, "not a readable safetensors file")
+
+
+def test_eval_loads_exactly_the_file_named(tiny_run, synthetic, tmp_path, capsys):
+    ckpt = tiny_run / "checkpoint"
+    other = ckpt / "other.safetensors"
+    other.write_bytes(b"garbage")  # a good model.safetensors sits beside it: it must not be used
+    fails(["eval", str(other), "--data-dir", str(synthetic[0])], capsys, "other.safetensors")
+    fails(["eval", str(tmp_path / "nope"), "--data-dir", str(synthetic[0])], capsys, "does not exist")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    fails(["eval", str(empty), "--data-dir", str(synthetic[0])], capsys, "no checkpoint in")
+
+
+def test_evaluating_a_numpy_run_never_imports_torch(synthetic, tmp_path):
+    out = tmp_path / "np"
+    assert main(["train", "mlp-numpy", "--data-dir", str(synthetic[0]), "--out", str(out), *TINY]) == 0
+    code = (
+        "import sys; from cifarlab.cli import main\n"
+        f"rc = main(['eval', {str(out)!r}, '--data-dir', {str(synthetic[0])!r}, '--no-verify'])\n"
+        "assert rc == 0, rc\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "test accuracy" in r.stdout
+
+
+# ----------------------------------------------------------------------------- resume
+
+
+def test_resume_refusals_change_nothing(tiny_run, synthetic, tmp_path, capsys):
+    d = ["--data-dir", str(synthetic[0]), "--no-progress"]
+    before = snapshot(tiny_run)
+    fails(["train", "mlp", "--resume", str(tiny_run), *d], capsys, "finished run (4 steps)")
+    fails(["train", "convnet", "--resume", str(tiny_run), *d], capsys, "is a run of 'mlp', not convnet")
+    fails(
+        ["train", "mlp", "--resume", str(tiny_run), "--learning-rate", "0.5", *d],
+        capsys,
+        "--learning-rate cannot change",
+    )
+    fails(
+        ["train", "mlp", "--resume", str(tiny_run), "--preset", "best", *d], capsys, "--preset cannot change"
+    )
+    fails(
+        ["train", "mlp", "--resume", str(tiny_run), "--out", str(tmp_path / "x"), *d],
+        capsys,
+        "either --out or --resume",
+    )
+    fails(["train", "mlp", "--resume", str(tmp_path / "none"), *d], capsys, "not a run directory")
+    fails(
+        ["train", "mlp", "--resume", str(tiny_run), "--max-steps", "0", *d], capsys, "--max-steps must be in"
+    )
+    assert snapshot(tiny_run) == before
+
+
+def test_resume_of_a_damaged_config(tiny_run, synthetic, capsys):
+    d = ["--data-dir", str(synthetic[0]), "--no-progress", "--max-steps", "8"]
+    cfg = tiny_run / "config.json"
+    cfg.write_text(cfg.read_text()[:-40])
+    fails(["train", "mlp", "--resume", str(tiny_run), *d], capsys, "damaged, not valid JSON")
+    cfg.write_text(json.dumps({"model": "mlp", "train": {"learning_rate": "fast"}}))
+    fails(["train", "mlp", "--resume", str(tiny_run), *d], capsys, "--learning-rate must be of type")
+    cfg.write_text(json.dumps({"model": "mlp", "train": {"wings": 2}}))
+    fails(["train", "mlp", "--resume", str(tiny_run), *d], capsys, "unknown settings ['wings']")
+
+
+def test_resume_without_checkpoint(tiny_run, synthetic, capsys):
+    import shutil
+
+    (tiny_run / "summary.json").unlink()
+    shutil.rmtree(tiny_run / "checkpoint")
+    fails(
+        ["train", "mlp", "--resume", str(tiny_run), "--data-dir", str(synthetic[0])],
+        capsys,
+        "no checkpoint to resume",
+    )
+
+
+def test_resume_with_max_steps_extends_a_finished_run(tiny_run, synthetic, capsys):
+    argv = ["train", "mlp", "--resume", str(tiny_run), "--data-dir", str(synthetic[0]), "--no-progress"]
+    assert main([*argv, "--max-steps", "6"]) == 0
+    summary = json.loads((tiny_run / "summary.json").read_text())
+    config = json.loads((tiny_run / "config.json").read_text())
+    assert summary["steps"] == 6 and config["train"]["max_steps"] == 6
+    assert config["resumed_with"] == [{"max_steps": 6}]
+    assert [m["step"] for m in map(json.loads, (tiny_run / "metrics.jsonl").read_text().splitlines())] == [
+        2,
+        4,
+        6,
+    ]
+
+
+# ----------------------------------------------------------------------------- one writer
+
+
+def test_a_second_writer_is_refused_and_a_stale_lock_taken_over(tiny_run, synthetic, capsys):
+    (tiny_run / "summary.json").unlink()  # an interrupted run
+    argv = ["train", "mlp", "--resume", str(tiny_run), "--data-dir", str(synthetic[0]), "--no-progress"]
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (tiny_run / ".lock").write_text(str(holder.pid))
+        before = snapshot(tiny_run)
+        fails(argv, capsys, f"is being written by process {holder.pid}")
+        assert snapshot(tiny_run) == before
+    finally:
+        holder.kill()
+        holder.wait()
+    assert main(argv) == 0  # its holder is gone: the lock is stale
+    assert not (tiny_run / ".lock").exists()  # released on exit
+
+
+# ----------------------------------------------------------------------------- sweeps
+
+
+@pytest.mark.parametrize(
+    "flags, match",
+    [
+        (["--configs", "0"], "rows must be distinct numbers in 1..7"),
+        (["--configs", "8"], "rows must be distinct numbers in 1..7"),
+        (["--configs", "1,1"], "rows must be distinct numbers in 1..7"),
+        (["--configs", "one"], "expected comma-separated row numbers"),
+        (["--jobs", "0"], "--jobs must be in 1..64"),
+        (["--seeds", "0"], "--seeds must be in 1..100"),
+        (["--max-steps", "-3"], "--max-steps must be positive"),
+        (["--extra", "--seed '1"], "No closing quotation"),
+    ],
+)
+def test_bad_sweep_flags(flags, match, synthetic, tmp_path, capsys):
+    root = tmp_path / "sweep"
+    fails(
+        ["sweep", "table1", "--data-dir", str(synthetic[0]), "--out-root", str(root), *flags], capsys, match
+    )
+    assert not root.exists()
+
+
+def test_sweep_never_reuses_or_overwrites_a_run_with_other_settings(synthetic, tmp_path, capsys):
+    root, res = tmp_path / "sweep", tmp_path / "tables"
+    base = ["sweep", "table1", "--data-dir", str(synthetic[0]), "--no-verify", "--configs", "1", "--seeds", "1"]
+    base += ["--out-root", str(root), "--out", str(res), "--extra=--batch-size 20 --eval-freq 2"]
+    assert main([*base, "--max-steps", "2"]) == 0
+    capsys.readouterr()
+    run = root / "config1-seed42"
+    before = snapshot(run)
+    fails([*base, "--max-steps", "4"], capsys, "holds a run with other settings (max_steps differ)")
+    assert snapshot(run) == before
+    assert main([*base, "--max-steps", "2"]) == 0  # the same settings: reused as is
+    assert snapshot(run) == before
+
+
+# ----------------------------------------------------------------------------- images
+
+
+def test_bad_images(tiny_run, tmp_path, capsys, monkeypatch):
+    fails(["predict", str(tiny_run), str(tmp_path / "missing.png")], capsys, "no such image file")
+    txt = tmp_path / "notes.txt"
+    txt.write_text("not an image")
+    fails(["predict", str(tiny_run), str(txt)], capsys, "not a readable image")
+    good = tmp_path / "ok.png"
+    Image.new("RGB", (64, 64), (1, 2, 3)).save(good)
+    cut = tmp_path / "cut.png"
+    cut.write_bytes(good.read_bytes()[:60])
+    fails(["predict", str(tiny_run), str(cut)], capsys, "cut.png: cannot read image")
+    monkeypatch.setattr(inference, "MAX_IMAGE_PIXELS", 1000)  # as if 64x64 were a decompression bomb
+    fails(["predict", str(tiny_run), str(good)], capsys, "over the 1,000-pixel limit")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # PIL's own guard, for other formats
+    fails(["predict", str(tiny_run), str(good)], capsys, "decompression bomb")
+
+
+def test_predict_json_prints_only_json(tiny_run, tmp_path, capsys):
+    img = tmp_path / "a.png"
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(img)
+    assert main(["predict", str(tiny_run), str(img), "--json"]) == 0
+    assert set(json.loads(capsys.readouterr().out)) == {str(img)}
+
+
+# ----------------------------------------------------------------------------- help and config.json
+
+
+@pytest.mark.parametrize("kind, names", [("train", ["mlp-numpy", "convnet"]), ("sweep", ["table1", "norms"])])
+def test_help_lists_what_is_available(kind, names, capsys):
+    assert main([kind, "--help"]) == 0
+    out = capsys.readouterr().out
+    assert all(n in out for n in names)
+
+
+def test_config_records_the_machine(tiny_run):
+    m = json.loads((tiny_run / "config.json").read_text())["machine"]
+    assert m["cores"] == os.cpu_count() and m["threads"] >= 1 and m["cpu"]
+    if Path("/proc/cpuinfo").is_file():
+        assert set(m["isa"]) == {"avx2", "avx512", "avx512_bf16", "amx"}
+
+
+def test_data_module_never_unpickles_without_md5(synthetic_py, monkeypatch):
+    """Guard for the table: the md5 gate comes before any unpickling."""
+    root, _ = synthetic_py
+    f = root / data.PY_DIR / "data_batch_1"
+    f.write_bytes(f.read_bytes() + b"x")
+    with pytest.raises(data.DataError, match="md5 mismatch"):
+        data.load_cifar10(root)
