@@ -160,3 +160,46 @@ def test_seeds_sweep_reports_mean_and_std(synthetic, tmp_path):
     md = (res / "mlp-numpy-seeds.md").read_text()
     assert "| 42 |" in md and "| 43 |" in md and "±" in md and (res / "mlp-numpy-seeds.png").is_file()
     assert main([*argv[:-4], "--extra=--seed 3"]) == 2  # the sweep owns the seeds
+
+
+def test_activations_sweep_measures_each_activation(synthetic, tmp_path, capsys, monkeypatch):
+    from cifarlab.sweeps import activations
+
+    monkeypatch.setattr(activations, "HIDDEN", [8, 8])
+    monkeypatch.setattr(activations, "STEPS", 4)
+    monkeypatch.setattr(activations, "EVAL", 2)
+    monkeypatch.chdir(tmp_path)  # tables go under ./runs/sweeps/activations, never ./results
+    argv = ["sweep", "activations", "--seeds", "1", "--jobs", "2", "--data-dir", str(synthetic[0])]
+    assert main([*argv, "--no-verify", "--extra=--batch-size 20"]) == 0
+    out = tmp_path / "runs" / "sweeps" / "activations"
+    md = (out / "activations.md").read_text()
+    rows = [line for line in md.splitlines() if line.startswith(("| elu", "| tanh", "| relu"))]
+    assert len(rows) == 3
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert 0 <= float(cells[1]) <= 1  # final test accuracy
+        assert len(cells[5].split("→")) == 2 and len(cells[6].split("→")) == 2  # one value per hidden layer
+    grads = json.loads((out / "elu-seed42" / "metrics.jsonl").read_text().splitlines()[-1])["grad_norms"]
+    assert set(grads) == {"hidden.0.linear.weight", "hidden.1.linear.weight", "output.weight"}
+    assert (out / "activations.png").is_file() and (out / "activations_grad.png").is_file()
+    assert not (tmp_path / "results").exists()
+
+
+def test_norms_sweep_covers_every_norm_and_batch_size(synthetic, tmp_path, capsys, monkeypatch):
+    from cifarlab.sweeps import norms
+
+    monkeypatch.setattr(norms, "BATCHES", (2, 8))
+    monkeypatch.setattr(norms, "IMAGES", 16)  # 8 steps at batch 2, 2 at batch 8
+    res = tmp_path / "tables"
+    argv = ["sweep", "norms", "--jobs", "2", "--data-dir", str(synthetic[0]), "--no-verify"]
+    assert main([*argv, "--out-root", str(tmp_path / "runs"), "--out", str(res)]) == 0
+    md = (res / "norms.md").read_text()
+    assert "| final test accuracy | B=2 | B=8 |" in md
+    for norm in ("none", "batch", "layer"):
+        row = next(line for line in md.splitlines() if line.startswith(f"| {norm} |"))
+        assert all(0 <= float(c) <= 1 for c in row.strip("|").split("|")[1:])
+        assert json.loads((tmp_path / "runs" / f"{norm}-b2-seed42" / "summary.json").read_text())["steps"] == 8
+    gap = next(line for line in md.splitlines() if line.startswith("| BatchNorm train/eval gap"))
+    assert len(gap.split("|")) == 5 and (res / "norms.png").is_file()
+    cfg = json.loads((tmp_path / "runs" / "layer-b8-seed42" / "config.json").read_text())
+    assert cfg["model_kwargs"]["norm"] == "layer" and cfg["train"]["batch_size"] == 8

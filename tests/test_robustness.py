@@ -348,7 +348,17 @@ def test_bad_sweep_flags(flags, match, synthetic, tmp_path, capsys):
 
 def test_sweep_never_reuses_or_overwrites_a_run_with_other_settings(synthetic, tmp_path, capsys):
     root, res = tmp_path / "sweep", tmp_path / "tables"
-    base = ["sweep", "table1", "--data-dir", str(synthetic[0]), "--no-verify", "--configs", "1", "--seeds", "1"]
+    base = [
+        "sweep",
+        "table1",
+        "--data-dir",
+        str(synthetic[0]),
+        "--no-verify",
+        "--configs",
+        "1",
+        "--seeds",
+        "1",
+    ]
     base += ["--out-root", str(root), "--out", str(res), "--extra=--batch-size 20 --eval-freq 2"]
     assert main([*base, "--max-steps", "2"]) == 0
     capsys.readouterr()

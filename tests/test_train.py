@@ -124,7 +124,9 @@ def test_safetensors_round_trip_keeps_weights_and_preprocessing(synthetic, tmp_p
     ckpt = checkpoints.load(run.checkpoint_dir)
     for k, v in model.state_dict().items():
         assert torch.equal(torch.from_numpy(ckpt.weights[k]), v)
-    assert ckpt.model == "mlp" and ckpt.model_kwargs == {"n_hidden": [7]} and ckpt.preprocess.name == "standard"
+    assert (
+        ckpt.model == "mlp" and ckpt.model_kwargs == {"n_hidden": [7]} and ckpt.preprocess.name == "standard"
+    )
 
 
 def test_lr_schedules():

@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import argparse
 import statistics
-from pathlib import Path
 
 import numpy as np
 
-from cifarlab.sweeps.common import Job, add_sweep_args, mean_curve, mean_std, run_jobs, write_text
+from cifarlab.sweeps.common import Figure, Job, add_sweep_args, mean_curve, mean_std, publish, run_jobs
 
 ACTS = ("elu", "tanh", "relu")
 HIDDEN = [256, 256, 256, 256]
@@ -52,7 +51,6 @@ def init_probe(activation: str, seed: int, x: np.ndarray, y: np.ndarray) -> dict
 
 def main(args: argparse.Namespace) -> int:
     from cifarlab.data import load_cifar10
-    from cifarlab.plots import plot_series
 
     seeds = [42 + s for s in range(args.seeds)]
     hidden = ",".join(map(str, HIDDEN))
@@ -116,19 +114,16 @@ def main(args: argparse.Namespace) -> int:
                 for i in range(len(steps))
             ],
         )
-    res = Path(args.results)
-    p1 = plot_series(
-        acc_series, res / "activations.png", "step", "test accuracy", "ELU vs Tanh vs ReLU: test accuracy"
-    )
-    p2 = plot_series(
-        grad_series,
-        res / "activations_grad.png",
-        "step",
-        "‖∇W‖ of the first hidden layer",
-        "first-layer gradient norm during training",
-        logy=True,
-    )
-    lines += ["", f"![accuracy]({p1.name}) ![gradient norms]({p2.name})", ""]
-    write_text(res / "activations.md", "\n".join(lines))
-    print("\n".join(lines))
+    figures = [
+        Figure("activations", acc_series, "step", "test accuracy", "ELU vs Tanh vs ReLU: test accuracy"),
+        Figure(
+            "activations_grad",
+            grad_series,
+            "step",
+            "‖∇W‖ of the first hidden layer",
+            "first-layer gradient norm during training",
+            logy=True,
+        ),
+    ]
+    publish(args, "activations", lines, figures)
     return 0

@@ -160,6 +160,35 @@ def write_text(path: Path, text: str) -> Path:
     return path
 
 
+@dataclass
+class Figure:
+    """One plot of a sweep's page: series name -> (x values, y values)."""
+
+    stem: str  # file name without .png
+    series: dict[str, tuple[list, list]]
+    xlabel: str
+    ylabel: str
+    title: str
+    logy: bool = False
+
+
+def publish(args: argparse.Namespace, name: str, lines: list[str], figures: list[Figure]) -> Path:
+    """Plot every figure into ``--out``, add them to the table's lines, write ``<name>.md``
+    there and print it; returns the .md path."""
+    from cifarlab.plots import plot_series
+
+    out = Path(args.results)
+    pngs = [
+        plot_series(f.series, out / f"{f.stem}.png", f.xlabel, f.ylabel, f.title, logy=f.logy)
+        for f in figures
+    ]
+    lines = [*lines, "", " ".join(f"![{f.title}]({p.name})" for f, p in zip(figures, pngs)), ""]
+    md = write_text(out / f"{name}.md", "\n".join(lines))
+    print("\n".join(lines))
+    print(f"wrote {md}")
+    return md
+
+
 def mean_curve(runs: list[RunDir], key: str = "test_acc") -> tuple[list[int], list[float]]:
     """Step-wise mean of ``key`` over runs that share their evaluation steps."""
     curves = [[(m["step"], m[key]) for m in r.read_metrics()] for r in runs]

@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import argparse
 import math
-from pathlib import Path
 
 import numpy as np
 
-from cifarlab.sweeps.common import Job, add_sweep_args, mean_std, run_jobs, write_text
+from cifarlab.sweeps.common import Figure, Job, add_sweep_args, mean_std, publish, run_jobs
 
 NORMS = ("none", "batch", "layer")
 BATCHES = (2, 8, 32, 200)
@@ -29,12 +28,11 @@ def batch_stat_accuracy(run, x_test: np.ndarray, y_test: np.ndarray, batch_size:
     """Test accuracy in train mode: each test batch normalised by its own statistics."""
     import torch
 
-    from cifarlab.models import create_model
-    from cifarlab.train import load_weights, to_tensor
+    from cifarlab import checkpoints
+    from cifarlab.train import to_tensor
 
-    weights, meta, prep = load_weights(run.checkpoint_dir)
-    model = create_model(meta["model"], **meta["model_kwargs"])
-    model.load_state_dict(weights)
+    ckpt = checkpoints.load(run.checkpoint_dir)
+    model, prep = checkpoints.build_model(ckpt), ckpt.preprocess
     model.train()
     model.hidden.apply(lambda m: m.eval() if isinstance(m, torch.nn.Dropout) else None)
     n = len(x_test) // batch_size * batch_size
@@ -48,7 +46,6 @@ def batch_stat_accuracy(run, x_test: np.ndarray, y_test: np.ndarray, batch_size:
 
 def main(args: argparse.Namespace) -> int:
     from cifarlab.data import load_cifar10
-    from cifarlab.plots import plot_series
 
     seeds = [42 + s for s in range(args.seeds)]
     jobs = []
@@ -122,14 +119,6 @@ def main(args: argparse.Namespace) -> int:
         lines.append(f"| {n} | " + " | ".join(f"{wall[n, b]:.1f}" for b in BATCHES) + " |")
     series = {n: (list(BATCHES), [float(np.mean(acc[n, b])) for b in BATCHES]) for n in NORMS}
     series["batch (train-mode stats)"] = (list(BATCHES), [float(np.mean(gap[b])) for b in BATCHES])
-    png = plot_series(
-        series,
-        Path(args.results) / "norms.png",
-        "batch size",
-        "test accuracy",
-        "normalisation vs batch size (same number of images)",
-    )
-    lines += ["", f"![norms vs batch size]({png.name})", ""]
-    write_text(Path(args.results) / "norms.md", "\n".join(lines))
-    print("\n".join(lines))
+    title = "normalisation vs batch size (same number of images)"
+    publish(args, "norms", lines, [Figure("norms", series, "batch size", "test accuracy", title)])
     return 0

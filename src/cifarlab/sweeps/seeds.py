@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import argparse
 import statistics
-from pathlib import Path
 
 from cifarlab.errors import UsageError
-from cifarlab.plots import plot_series
 from cifarlab.recipes import RECIPES
-from cifarlab.sweeps.common import Job, add_sweep_args, mean_std, run_jobs, write_text
+from cifarlab.sweeps.common import Figure, Job, add_sweep_args, mean_std, publish, run_jobs
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -63,8 +61,5 @@ def main(args: argparse.Namespace) -> int:
         )
         for s in seeds
     }
-    png = plot_series(series, Path(args.results) / f"{name}.png", "step", "test accuracy", name)
-    lines += ["", f"![curves]({png.name})", ""]
-    write_text(Path(args.results) / f"{name}.md", "\n".join(lines))
-    print("\n".join(lines))
+    publish(args, name, lines, [Figure(name, series, "step", "test accuracy", name)])
     return 0

@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import argparse
 import statistics
-from pathlib import Path
 
 from cifarlab.errors import UsageError
-from cifarlab.plots import plot_series
-from cifarlab.sweeps.common import Job, add_sweep_args, mean_curve, mean_std, run_jobs, write_text
+from cifarlab.sweeps.common import Figure, Job, add_sweep_args, mean_curve, mean_std, publish, run_jobs
 
 # (hidden, optimizer, lr, steps, the seed's test accuracy): spec.md, Part 2
 CONFIGS = [
@@ -103,15 +101,6 @@ def main(args: argparse.Namespace) -> int:
             f"| {mean_std(best)} | {wall:.1f} |"
         )
         series[f"{i}: {hidden} {opt} lr={lr:g}"] = mean_curve(rs)
-    png = plot_series(
-        series,
-        Path(args.results) / "table1.png",
-        "step",
-        "test accuracy",
-        "Table 1 configurations: test accuracy (mean over seeds)",
-    )
-    lines += ["", f"![test accuracy curves]({png.name})", ""]
-    md = write_text(Path(args.results) / "table1.md", "\n".join(lines))
-    print("\n".join(lines))
-    print(f"wrote {md} and {png}")
+    title = "Table 1 configurations: test accuracy (mean over seeds)"
+    publish(args, "table1", lines, [Figure("table1", series, "step", "test accuracy", title)])
     return 0
