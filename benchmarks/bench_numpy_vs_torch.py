@@ -38,30 +38,30 @@ from torch import nn
 from cifarlab.numpy_nn import MLP, SoftmaxCrossEntropy
 
 CONFIGS = [
-    # (name, n_inputs, n_hidden, n_classes, batch)
+    # (name, n_inputs, n_hidden, num_classes, batch)
     ("seed MLP 3072-100-10", 3072, [100], 10, 200),
     ("3072-1024-1024-10", 3072, [1024, 1024], 10, 256),
 ]
 
 
-def torch_mlp(n_inputs: int, n_hidden: list[int], n_classes: int) -> nn.Sequential:
+def torch_mlp(n_inputs: int, n_hidden: list[int], num_classes: int) -> nn.Sequential:
     layers: list[nn.Module] = []
     width = n_inputs
     for h in n_hidden:
         layers += [nn.Linear(width, h), nn.ELU()]
         width = h
-    layers.append(nn.Linear(width, n_classes))
+    layers.append(nn.Linear(width, num_classes))
     return nn.Sequential(*layers)
 
 
-def bench_config(n_inputs, n_hidden, n_classes, batch, repeats, warmup, block, pause, seed=0):
+def bench_config(n_inputs, n_hidden, num_classes, batch, repeats, warmup, block, pause, seed=0):
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((batch, n_inputs), dtype=np.float32)
-    y = rng.integers(0, n_classes, size=batch)
+    y = rng.integers(0, num_classes, size=batch)
 
-    net = MLP(n_inputs, n_hidden, n_classes, activation="elu", init="he", rng=rng)
+    net = MLP(n_inputs, n_hidden, num_classes, activation="elu", init="he", rng=rng)
     loss_fn = SoftmaxCrossEntropy()
-    tnet = torch_mlp(n_inputs, n_hidden, n_classes)
+    tnet = torch_mlp(n_inputs, n_hidden, num_classes)
     with torch.no_grad():  # same weights on both sides
         for (_, p), tp in zip(net.params.items(), tnet.parameters()):
             tp.copy_(torch.from_numpy(p))
@@ -108,17 +108,17 @@ def time_pair(fn_np, fn_torch, repeats: int, block: int, pause: float) -> tuple[
     return statistics.median(times[0]), statistics.median(times[1])
 
 
-def gemm_breakdown(n_inputs, n_hidden, n_classes, batch, repeats, block, pause, seed=0) -> None:
+def gemm_breakdown(n_inputs, n_hidden, num_classes, batch, repeats, block, pause, seed=0) -> None:
     """Every matrix product of one training step, NumPy (as ``numpy_nn.Linear`` computes it)
     against ``torch.mm``/``torch.addmm`` on the same operands: where the time goes and which
     library's sgemm is faster on each shape."""
     rng = np.random.default_rng(seed)
-    widths = [n_inputs, *n_hidden, n_classes]
+    widths = [n_inputs, *n_hidden, num_classes]
     rows = []
     for i, (d, m) in enumerate(zip(widths[:-1], widths[1:])):
         x = rng.standard_normal((batch, d), dtype=np.float32)
         dy = rng.standard_normal((batch, m), dtype=np.float32)
-        w = np.asfortranarray(rng.standard_normal((m, d), dtype=np.float32))  # as Linear stores W
+        w = rng.standard_normal((m, d), dtype=np.float32)  # row-major (M, D), as Linear stores W
         b = np.zeros(m, np.float32)
         gw = np.zeros_like(w)
         tx, tdy, tw, tb = (torch.from_numpy(np.ascontiguousarray(a)) for a in (x, dy, w, b))
@@ -132,7 +132,7 @@ def gemm_breakdown(n_inputs, n_hidden, n_classes, batch, repeats, block, pause, 
             ),
             (
                 f"layer {i + 1} backward dW = dYᵀ X",
-                lambda x=x, dy=dy, gw=gw: np.matmul(x.T, dy, out=gw.T),
+                lambda x=x, dy=dy, gw=gw: np.matmul(dy.T, x, out=gw),
                 lambda x=tx, dy=tdy, gw=tgw: torch.mm(dy.T, x, out=gw),
             ),
         ]

@@ -198,7 +198,9 @@ def test_norms_sweep_covers_every_norm_and_batch_size(synthetic, tmp_path, capsy
     for norm in ("none", "batch", "layer"):
         row = next(line for line in md.splitlines() if line.startswith(f"| {norm} |"))
         assert all(0 <= float(c) <= 1 for c in row.strip("|").split("|")[1:])
-        assert json.loads((tmp_path / "runs" / f"{norm}-b2-seed42" / "summary.json").read_text())["steps"] == 8
+        assert (
+            json.loads((tmp_path / "runs" / f"{norm}-b2-seed42" / "summary.json").read_text())["steps"] == 8
+        )
     gap = next(line for line in md.splitlines() if line.startswith("| BatchNorm train/eval gap"))
     assert len(gap.split("|")) == 5 and (res / "norms.png").is_file()
     cfg = json.loads((tmp_path / "runs" / "layer-b8-seed42" / "config.json").read_text())

@@ -32,7 +32,7 @@ class MLP:
     Args:
         n_inputs: input features D (3072 for CIFAR-10); inputs of shape (S, ...) are flattened.
         n_hidden: widths of the hidden layers, possibly empty.
-        n_classes: number of classes C.
+        num_classes: number of classes C.
         activation: ``'elu'``, ``'relu'`` or ``'tanh'``.
         init: weight init of every Linear, ``'seed'``, ``'he'`` or ``'glorot'``.
         dtype: ``np.float32`` (default) or ``np.float64``; inputs are cast to it.
@@ -47,7 +47,7 @@ class MLP:
         self,
         n_inputs: int,
         n_hidden: Sequence[int],
-        n_classes: int,
+        num_classes: int,
         activation: str = "elu",
         init: str = "seed",
         dtype: type | np.dtype = np.float32,
@@ -58,11 +58,11 @@ class MLP:
         rng = np.random.default_rng() if rng is None else rng
         self.n_inputs = int(n_inputs)
         self.n_hidden = [int(h) for h in n_hidden]
-        self.n_classes = int(n_classes)
+        self.num_classes = int(num_classes)
         self.activation = activation
         self.init = init
         self.dtype = np.dtype(dtype)
-        widths = [self.n_inputs, *self.n_hidden, self.n_classes]
+        widths = [self.n_inputs, *self.n_hidden, self.num_classes]
         self.layers: list[Module] = []
         for i, (d_in, d_out) in enumerate(zip(widths[:-1], widths[1:])):
             self.layers.append(Linear(d_in, d_out, init=init, rng=rng, dtype=self.dtype))
