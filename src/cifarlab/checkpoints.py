@@ -184,7 +184,7 @@ def build_model(ckpt: Checkpoint) -> Any:
         else:
             model.load_state_dict(ckpt.weights)
     except (TypeError, KeyError, ValueError, RuntimeError) as e:
-        reason = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        reason = " ".join(str(e).split())[:300] or type(e).__name__
         raise CheckpointError(
             f"{ckpt.path}: checkpoint does not match its model {ckpt.model} ({reason})"
         ) from None

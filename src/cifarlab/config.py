@@ -87,8 +87,10 @@ class TrainConfig:
         for f in dataclasses.fields(self):
             value, meta = getattr(self, f.name), f.metadata
             flag = "--" + f.name.replace("_", "-")
-            if not _has_type(value, _base_type(hints[f.name])):
-                raise UsageError(f"{flag} must be of type {_base_type(hints[f.name])}, got {value!r}")
+            tp = _base_type(hints[f.name])
+            if not _has_type(value, tp):
+                name = "a list of integers" if typing.get_origin(tp) is list else f"of type {tp.__name__}"
+                raise UsageError(f"{flag} must be {name}, got {value!r}")
             if meta.get("choices") and value not in meta["choices"]:
                 raise UsageError(f"{flag} must be one of {', '.join(meta['choices'])}; got {value!r}")
             lo, hi, lo_open, hi_open = meta.get("range", (None, None, False, False))
@@ -133,9 +135,12 @@ def _has_type(value: Any, tp: Any) -> bool:
 
 
 def _interval(lo: float | None, hi: float | None, lo_open: bool, hi_open: bool) -> str:
+    def fmt(v: float | None, inf: str) -> str:
+        return inf if v is None else str(int(v)) if float(v).is_integer() else f"{v:g}"
+
     left = "(" if lo_open or lo is None else "["
     right = ")" if hi_open or hi is None else "]"
-    return f"{left}{'-inf' if lo is None else f'{lo:g}'}, {'inf' if hi is None else f'{hi:g}'}{right}"
+    return f"{left}{fmt(lo, '-inf')}, {fmt(hi, 'inf')}{right}"
 
 
 # --------------------------------------------------------------------------- flags

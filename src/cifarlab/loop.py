@@ -236,7 +236,7 @@ def _restore(learner: Learner, run: RunDir) -> TrainState:
         plain = json.loads(md.get("plain", "{}"))
         learner.load(ckpt.weights, arrays, plain)
     except (KeyError, ValueError, RuntimeError, TypeError) as e:
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        reason = " ".join(str(e).split())[:300] or type(e).__name__
         raise CheckpointError(f"{run.checkpoint_dir}: does not match this run's model ({reason})") from None
     return TrainState.from_json(md["state"])
 
