@@ -17,15 +17,15 @@ demo: $(BIN)/.installed  ## train a small model on CIFAR-10 (~1-2 min): accuracy
 	$(BIN)/cifarlab train mlp --preset best --max-steps 1500 --eval-freq 250
 
 test: $(BIN)/.installed  ## ruff + the test suite (< 5 min)
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks scripts
 	$(BIN)/python -m pytest
 
 lint: $(BIN)/.installed
-	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks scripts
+	$(BIN)/ruff format --check src tests benchmarks scripts
 
 format: $(BIN)/.installed
-	$(BIN)/ruff format src tests benchmarks
+	$(BIN)/ruff format src tests benchmarks scripts
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache src/*.egg-info
