@@ -77,3 +77,45 @@ def test_numpy_mlp_learns_real_cifar10(real_data_dir, tmp_path):
     ]
     assert main(argv) == 0
     assert json.loads((out / "summary.json").read_text())["test_accuracy"] > 0.35
+
+
+def test_mlp_numpy_resumes_bitwise_through_the_same_loop(synthetic, tmp_path):
+    import os
+    import signal
+
+    import numpy as np
+
+    from cifarlab import checkpoints
+    from cifarlab.data import Preprocess, load_cifar10
+    from cifarlab.loop import fit, restore
+    from cifarlab.numpy_nn.train import NumpyLearner
+    from cifarlab.recipes import RECIPES
+    from cifarlab.runs import RunDir
+
+    d = load_cifar10(synthetic[0])
+    cfg = RECIPES["mlp-numpy"].make_config(
+        "best", dnn_hidden_units=[16], max_steps=10, eval_freq=4, batch_size=20, warmup_steps=2
+    )
+    meta = {"model": "mlp-numpy", "model_kwargs": cfg.model_kwargs()}
+    prep = Preprocess.fit(cfg.preprocess, d[0])
+
+    def run(out, resume=False, **kw):
+        learner = NumpyLearner.create("mlp-numpy", cfg, prep)
+        state = restore(learner, out, meta) if resume else None
+        return fit(learner, cfg, out, d, meta, prep, state=state, progress=False, **kw)
+
+    full, part = RunDir.create("t", out=tmp_path / "full"), RunDir.create("t", out=tmp_path / "part")
+    run(full)
+
+    def sigterm_at_5(state):
+        if state.step == 5:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with pytest.raises(KeyboardInterrupt):
+        run(part, on_step=sigterm_at_5)
+    run(part, resume=True)
+    a, b = checkpoints.load(full.path), checkpoints.load(part.path)
+    assert a.weights.keys() == b.weights.keys()
+    assert all(np.array_equal(a.weights[k], b.weights[k]) for k in a.weights)
+    strip = lambda ms: [{k: v for k, v in m.items() if k != "seconds"} for m in ms]  # noqa: E731
+    assert strip(full.read_metrics()) == strip(part.read_metrics())

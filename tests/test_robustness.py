@@ -74,7 +74,7 @@ def tiny_run(synthetic, tmp_path):
         ("mlp", ["--optimizer", "rmsprop"], "invalid choice: 'rmsprop'"),
         ("mlp", ["--dnn-hidden-units", "0"], "layer sizes must be positive"),
         ("mlp", ["--dnn-hidden-units", "10,x"], "expected comma-separated integers"),
-        ("mlp", ["--dnn-hidden-units", "100000,100000"], "GiB as float32), over the 4 GiB limit"),
+        ("mlp", ["--dnn-hidden-units", "100000,100000"], "(38.4 GiB), over the 4 GiB limit"),
         ("mlp-numpy", ["--dnn-hidden-units", "40000,40000"], "over the 4 GiB limit"),
         ("mlp-numpy", ["--label-smoothing", "0.1"], "unrecognized arguments: --label-smoothing"),
         ("mlp-numpy", ["--activation", "gelu"], "invalid choice: 'gelu'"),
@@ -121,7 +121,7 @@ def test_data_env_pointing_to_a_file(tmp_path, capsys, monkeypatch):
     f = tmp_path / "cifar.tar.gz"
     f.write_bytes(b"x")
     monkeypatch.setenv("CIFARLAB_DATA", str(f))
-    fails(["data", "verify"], capsys, "$CIFARLAB_DATA")
+    fails(["data", "verify"], capsys, "$CIFARLAB_DATA")  # its message names where the path came from
     fails(["train", "mlp", "--out", str(tmp_path / "r"), *TINY], capsys, "is a file")
     assert not (tmp_path / "r").exists()
 
@@ -183,6 +183,9 @@ def _meta(tiny_run: Path, **changes) -> dict[str, str]:
         ({"meta": {"cifarlab": "[1, 2]"}}, "metadata is not a JSON object"),
         ({"meta": "model=resnet9"}, "unknown model 'resnet9'"),
         ({"meta": "model_kwargs=bogus"}, "checkpoint does not match its model mlp"),
+        ({"meta": "model_kwargs=classes20"}, "checkpoint does not match its model mlp"),
+        ({"meta": "model_kwargs=inputs12"}, "checkpoint does not match its model mlp"),
+        ({"meta": "model_kwargs=hiddenstr"}, "checkpoint does not match its model mlp"),
         ({"meta": "format_version=99"}, "checkpoint format 99"),
         ({"meta": "preprocess=zca"}, "unknown preprocessing 'zca'"),
         ({"reshape": "output.weight"}, "checkpoint does not match its model mlp"),
@@ -195,9 +198,12 @@ def test_damaged_or_foreign_checkpoint(damage, match, tiny_run, synthetic, tmp_p
     meta = damage.get("meta")
     if isinstance(meta, str) and "=" in meta:
         key, value = meta.split("=")
-        value = {"bogus": {"n_hidden": [100], "wings": 2}}.get(
-            value, int(value) if value.isdigit() else value
-        )
+        value = {
+            "bogus": {"n_hidden": [100], "wings": 2},
+            "classes20": {"n_hidden": [100], "num_classes": 20},
+            "inputs12": {"n_hidden": [100], "n_inputs": 12},
+            "hiddenstr": {"n_hidden": "100"},
+        }.get(value, int(value) if value.isdigit() else value)
         meta = _meta(tiny_run, **{key: value})
     kw = {k: v for k, v in damage.items() if k != "meta"}
     f = _write_checkpoint(tmp_path / "bad.safetensors", tiny_run, meta=meta, **kw)
@@ -299,7 +305,7 @@ def test_resume_with_max_steps_extends_a_finished_run(tiny_run, synthetic, capsy
     summary = json.loads((tiny_run / "summary.json").read_text())
     config = json.loads((tiny_run / "config.json").read_text())
     assert summary["steps"] == 6 and config["train"]["max_steps"] == 6
-    assert config["resumed_with"] == [{"max_steps": 6}]
+    assert config["resumed_with"] == [{"at_step": 4, "max_steps": 6}]
     assert [m["step"] for m in map(json.loads, (tiny_run / "metrics.jsonl").read_text().splitlines())] == [
         2,
         4,
@@ -313,17 +319,25 @@ def test_resume_with_max_steps_extends_a_finished_run(tiny_run, synthetic, capsy
 def test_a_second_writer_is_refused_and_a_stale_lock_taken_over(tiny_run, synthetic, capsys):
     (tiny_run / "summary.json").unlink()  # an interrupted run
     argv = ["train", "mlp", "--resume", str(tiny_run), "--data-dir", str(synthetic[0]), "--no-progress"]
-    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    lock = tiny_run / ".lock"
+    holder_code = (
+        "import fcntl, os, sys, time\n"
+        f"fd = os.open({str(lock)!r}, os.O_RDWR | os.O_CREAT)\n"
+        "fcntl.flock(fd, fcntl.LOCK_EX); os.write(fd, str(os.getpid()).encode())\n"
+        "print('locked', flush=True); time.sleep(60)\n"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", holder_code], stdout=subprocess.PIPE, text=True)
     try:
-        (tiny_run / ".lock").write_text(str(holder.pid))
+        assert holder.stdout.readline().strip() == "locked"
         before = snapshot(tiny_run)
         fails(argv, capsys, f"is being written by process {holder.pid}")
         assert snapshot(tiny_run) == before
     finally:
         holder.kill()
         holder.wait()
-    assert main(argv) == 0  # its holder is gone: the lock is stale
-    assert not (tiny_run / ".lock").exists()  # released on exit
+    lock.write_text("999999999")  # a lock file left by a process that died: not held, so taken over
+    assert main(argv) == 0
+    assert not lock.exists()  # released on exit
 
 
 # ----------------------------------------------------------------------------- sweeps
@@ -424,3 +438,102 @@ def test_data_module_never_unpickles_without_md5(synthetic_py, monkeypatch):
     f.write_bytes(f.read_bytes() + b"x")
     with pytest.raises(data.DataError, match="md5 mismatch"):
         data.load_cifar10(root)
+
+
+# ----------------------------------------------------------------------------- resume, continued
+
+
+def _state_file_with(run: Path, **changes) -> None:
+    """Rewrite the run's trainer state with ``changes`` (a damaged or hand-edited checkpoint)."""
+    from safetensors import safe_open
+
+    f = run / "checkpoint" / "state.safetensors"
+    with safe_open(str(f), "np") as st:
+        arrays, md = {k: st.get_tensor(k) for k in st.keys()}, st.metadata()
+    md["state"] = json.dumps({**json.loads(md["state"]), **changes})
+    save_file(arrays, str(f), metadata=md)
+
+
+def test_resume_checks_everything_before_changing_the_run(tiny_run, synthetic, capsys):
+    (tiny_run / "summary.json").unlink()
+    argv = ["train", "mlp", "--resume", str(tiny_run), "--data-dir", str(synthetic[0]), "--no-progress"]
+    before = snapshot(tiny_run)
+    fails([*argv, "--max-steps", "3"], capsys, "--max-steps 3 is below the step the run reached (4)")
+    for bad in ({"step": -3}, {"step": "x"}, {"step": 2.5}, {"loss_sum": None}):
+        _state_file_with(tiny_run, **bad)
+        fails([*argv, "--max-steps", "8"], capsys, "damaged trainer state")
+    state = tiny_run / "checkpoint" / "state.safetensors"
+    state.write_bytes(state.read_bytes()[:100])
+    fails([*argv, "--max-steps", "8"], capsys, "not a readable safetensors file")
+    after = snapshot(tiny_run)
+    assert {k: v for k, v in after.items() if "state" not in k} == {k: v for k, v in before.items() if "state" not in k}
+
+
+def test_resume_refuses_a_damaged_metrics_log_and_a_bad_hidden_size(tiny_run, synthetic, capsys):
+    (tiny_run / "summary.json").unlink()
+    argv = ["train", "mlp", "--resume", str(tiny_run), "--data-dir", str(synthetic[0]), "--max-steps", "6"]
+    metrics = tiny_run / "metrics.jsonl"
+    good = metrics.read_text()
+    metrics.write_text(good + "{}\n")
+    fails(argv, capsys, "metrics.jsonl:3: damaged (not a metrics record)")
+    assert metrics.read_text() == good + "{}\n"
+    metrics.write_text(good)
+    cfg = tiny_run / "config.json"
+    saved = json.loads(cfg.read_text())
+    cfg.write_text(json.dumps({**saved, "train": {**saved["train"], "dnn_hidden_units": [-5]}}))
+    fails(argv, capsys, "--dnn-hidden-units must be in [1, 1000000], got -5")
+
+
+def test_an_interrupted_extension_resumes(tiny_run, synthetic, capsys):
+    argv = ["train", "mlp", "--resume", str(tiny_run), "--data-dir", str(synthetic[0]), "--no-progress"]
+    import shutil
+
+    copy = tiny_run.parent / "copy"
+    shutil.copytree(tiny_run, copy)
+    assert main([*argv, "--max-steps", "6"]) == 0  # the reference: extended in one go
+    # the same extension, interrupted after its first step: no summary (unfinished), and a plain
+    # --resume then finishes it to the same numbers
+    _state_file_with(copy, step=4)
+    (copy / "summary.json").unlink()
+    cfg = json.loads((copy / "config.json").read_text())
+    cfg["train"]["max_steps"] = 6
+    (copy / "config.json").write_text(json.dumps(cfg))
+    assert main(["train", "mlp", "--resume", str(copy), "--data-dir", str(synthetic[0]), "--no-progress"]) == 0
+    a, b = (json.loads((d / "summary.json").read_text()) for d in (tiny_run, copy))
+    assert a["test_accuracy"] == b["test_accuracy"] and a["steps"] == b["steps"] == 6
+
+
+def test_numpy_divergence_is_one_line(synthetic, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    argv = ["train", "mlp-numpy", "--data-dir", str(synthetic[0]), "--learning-rate", "1e30", "--no-progress"]
+    err = fails([*argv, "--max-steps", "4", "--eval-freq", "4", "--batch-size", "20"], capsys, "loss became")
+    assert "nothing was kept" in err and "--grad-clip" not in err
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def test_eval_of_a_checkpoint_file_reports_into_the_run(tiny_run, synthetic, capsys):
+    assert main(["eval", str(tiny_run / "checkpoint" / "model.safetensors"), "--data-dir", str(synthetic[0])]) == 0
+    assert (tiny_run / "eval.json").is_file() and not (tiny_run / "checkpoint" / "eval.json").exists()
+    assert oct((tiny_run / "eval.json").stat().st_mode & 0o777) == oct(0o666 & ~_umask())
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_debug_is_a_flag_of_cifarlab_itself(synthetic, capsys):
+    fails(["train", "mlp", "--debug", "--max-steps", "0"], capsys, "unrecognized arguments: --debug")
+    with pytest.raises(Exception, match="--max-steps must be in"):
+        main(["--debug", "train", "mlp", "--max-steps", "0"])
+
+
+def test_sweep_extra_is_checked_for_every_job(synthetic, tmp_path, capsys):
+    root, res = tmp_path / "sweep", tmp_path / "tables"
+    base = ["sweep", "seeds", "mlp-numpy", "--seeds", "2", "--data-dir", str(synthetic[0])]
+    base += ["--out-root", str(root), "--out", str(res), "--no-progress"]
+    fails([*base, "--extra=--bogus"], capsys, "unrecognized arguments: --bogus")
+    fails([*base, "--extra=--max-steps 0"], capsys, "--max-steps must be in")
+    fails([*base, "--extra=--seed=7"], capsys, "--extra must not change --seed: the sweep sets it for each run")
+    assert not root.exists() and not res.exists()

@@ -16,7 +16,7 @@ from cifarlab.cli import main
 from cifarlab.config import TrainConfig
 from cifarlab.data import Preprocess, load_cifar10
 from cifarlab.errors import TrainingDiverged
-from cifarlab.loop import TrainState, fit
+from cifarlab.loop import TrainState, fit, restore
 from cifarlab.runs import RunDir
 from cifarlab.schedules import lr_at
 from cifarlab.train import TorchLearner, make_optimizer
@@ -49,10 +49,12 @@ def _cfg(**kw):
     return TrainConfig(**{**base, **kw})
 
 
-def _fit(model, cfg, run, d, meta=None, **kw):
+def _fit(model, cfg, run, d, meta=None, resume=False, **kw):
     prep = Preprocess.fit(cfg.preprocess, d[0])
     meta = meta or {"model": "mlp", "model_kwargs": {}}
-    return fit(TorchLearner(model, cfg, prep), cfg, run, d, meta, prep, progress=False, **kw)
+    learner = TorchLearner(model, cfg, prep)
+    state = restore(learner, run, meta) if resume else None
+    return fit(learner, cfg, run, d, meta, prep, state=state, progress=False, **kw)
 
 
 def _sigterm_at(step):
@@ -204,9 +206,10 @@ def test_sigterm_writes_a_checkpoint_and_says_how_to_resume(synthetic, tmp_path)
         "20",
     ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 60
+    deadline = time.time() + 180
     while not (out / "metrics.jsonl").is_file() and time.time() < deadline:
         time.sleep(0.1)
+    assert (out / "metrics.jsonl").is_file(), "the run never reached its first evaluation"
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and f"--resume {out}" in err and "Traceback" not in err

@@ -25,7 +25,7 @@ import numpy as np
 
 from cifarlab.config import PREPROCESSINGS
 from cifarlab.data import Preprocess
-from cifarlab.errors import CheckpointError
+from cifarlab.errors import CheckpointError, reason
 
 FORMAT_VERSION = 1
 MODEL_FILE, STATE_FILE = "model.safetensors", "state.safetensors"
@@ -51,7 +51,8 @@ def save(
     weights: dict[str, np.ndarray],
     meta: dict[str, Any],
     prep: Preprocess,
-    state_tensors: dict[str, np.ndarray] | None = None,
+    state_tensors: dict[str, np.ndarray]
+    | None = None,  # 0-d arrays stay 0-d (np.asarray, not ascontiguousarray)
     state_meta: dict[str, str] | None = None,
 ) -> Path:
     """Write ``folder`` (model + optional trainer state) atomically; returns it.
@@ -64,13 +65,13 @@ def save(
     tmp, old = folder.with_name(folder.name + ".tmp"), folder.with_name(folder.name + ".old")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    tensors = {k: np.ascontiguousarray(v) for k, v in weights.items()}
-    tensors[PREP_SHIFT] = np.ascontiguousarray(prep.shift, dtype=np.float32)
-    tensors[PREP_SCALE] = np.ascontiguousarray(prep.scale, dtype=np.float32)
+    tensors = {k: np.asarray(v, order="C") for k, v in weights.items()}
+    tensors[PREP_SHIFT] = np.asarray(prep.shift, dtype=np.float32, order="C")
+    tensors[PREP_SCALE] = np.asarray(prep.scale, dtype=np.float32, order="C")
     header = {"format_version": FORMAT_VERSION, **meta, "preprocess": prep.name}
     save_file(tensors, str(tmp / MODEL_FILE), metadata={"cifarlab": json.dumps(header)})
     if state_tensors is not None:
-        state = {k: np.ascontiguousarray(v) for k, v in state_tensors.items()}
+        state = {k: np.asarray(v, order="C") for k, v in state_tensors.items()}
         save_file(state, str(tmp / STATE_FILE), metadata=state_meta or {})
     if folder.exists():
         shutil.rmtree(old, ignore_errors=True)
@@ -115,8 +116,7 @@ def _read(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
         with safe_open(str(path), framework="np") as f:
             return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
     except Exception as e:  # any parse failure: the library raises several types
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise CheckpointError(f"{path}: not a readable safetensors file ({reason})") from None
+        raise CheckpointError(f"{path}: not a readable safetensors file ({reason(e, 120)})") from None
 
 
 def load(target: str | Path) -> Checkpoint:

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from cifarlab import __version__
 from cifarlab.config import ArgumentParser as _Parser
 from cifarlab.config import add_data_args
-from cifarlab.errors import CifarlabError, UsageError
+from cifarlab.errors import CifarlabError, UsageError, reason
 
 SWEEPS: dict[str, tuple[str, str]] = {
     "table1": ("cifarlab.sweeps.table1", "the seed's Table 1: seven PyTorch MLP configurations"),
@@ -146,7 +146,8 @@ def _data_command(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    debug = "--debug" in argv
+    # --debug is a flag of `cifarlab` itself: only before the command counts
+    debug = "--debug" in argv[: next((i for i, a in enumerate(argv) if not a.startswith("-")), len(argv))]
 
     try:
         if argv[:1] in (["train"], ["sweep"]) and (len(argv) == 1 or argv[1] in ("-h", "--help")):
@@ -166,8 +167,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (CifarlabError, OSError) as e:  # OSError: disk full, permissions... one line too
         if debug:
             raise
-        message = " ".join(str(e).split()) or type(e).__name__
-        print(f"cifarlab: error: {message}", file=sys.stderr)
+        print(f"cifarlab: error: {reason(e, 2000)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
         print(f"cifarlab: interrupted{': ' + str(e) if str(e) else ''}", file=sys.stderr)

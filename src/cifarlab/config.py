@@ -34,6 +34,11 @@ MAX_PARAMETER_BYTES = 4 << 30  # a model over 4 GiB of float32 parameters is ref
 C = TypeVar("C", bound="TrainConfig")
 
 
+def flag(name: str) -> str:
+    """The command-line spelling of a setting: ``max_steps`` -> ``--max-steps``."""
+    return "--" + name.replace("_", "-")
+
+
 def setting(
     default: Any,
     help: str,
@@ -46,7 +51,8 @@ def setting(
     torch_only: bool = False,
 ) -> Any:
     """A config field: its default, flag help, choices and valid range [lo, hi] (open ends
-    with ``lo_open``/``hi_open``). ``torch_only`` fields are not flags of the NumPy trainer."""
+    with ``lo_open``/``hi_open``; for a list, the range of each element). ``torch_only``
+    fields are not flags of the NumPy trainer, which refuses other values than the default."""
     meta = {"help": help, "choices": choices, "range": (lo, hi, lo_open, hi_open), "torch_only": torch_only}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
@@ -86,22 +92,26 @@ class TrainConfig:
         hints = typing.get_type_hints(type(self))
         for f in dataclasses.fields(self):
             value, meta = getattr(self, f.name), f.metadata
-            flag = "--" + f.name.replace("_", "-")
             tp = _base_type(hints[f.name])
             if not _has_type(value, tp):
                 name = "a list of integers" if typing.get_origin(tp) is list else f"of type {tp.__name__}"
-                raise UsageError(f"{flag} must be {name}, got {value!r}")
+                raise UsageError(f"{flag(f.name)} must be {name}, got {value!r}")
             if meta.get("choices") and value not in meta["choices"]:
-                raise UsageError(f"{flag} must be one of {', '.join(meta['choices'])}; got {value!r}")
+                raise UsageError(f"{flag(f.name)} must be one of {', '.join(meta['choices'])}; got {value!r}")
             lo, hi, lo_open, hi_open = meta.get("range", (None, None, False, False))
             if lo is None and hi is None:
                 continue
-            if isinstance(value, float) and not math.isfinite(value):
-                raise UsageError(f"{flag} must be a finite number, got {value}")
-            if (lo is not None and (value < lo or (lo_open and value == lo))) or (
-                hi is not None and (value > hi or (hi_open and value == hi))
-            ):
-                raise UsageError(f"{flag} must be in {_interval(lo, hi, lo_open, hi_open)}, got {value}")
+            for v in value if isinstance(value, list) else [value]:
+                if isinstance(v, float) and not math.isfinite(v):
+                    raise UsageError(f"{flag(f.name)} must be a finite number, got {v}")
+                if (lo is not None and (v < lo or (lo_open and v == lo))) or (
+                    hi is not None and (v > hi or (hi_open and v == hi))
+                ):
+                    raise UsageError(
+                        f"{flag(f.name)} must be in {_interval(lo, hi, lo_open, hi_open)}, got {v}"
+                    )
+            if f.metadata.get("torch_only") and not self.torch_trainer and value != f.default:
+                raise UsageError(f"{flag(f.name)} is a torch trainer setting; the NumPy trainer has none")
         if self.warmup_steps > self.max_steps:
             raise UsageError(
                 f"--warmup-steps must be at most --max-steps ({self.max_steps}), got {self.warmup_steps}"
@@ -109,11 +119,14 @@ class TrainConfig:
         if self.threads > 4 * (os.cpu_count() or 1):
             raise UsageError(f"--threads {self.threads} is over 4x this machine's {os.cpu_count()} cores")
         n = self.parameter_count()
-        if n is not None and 4 * n > MAX_PARAMETER_BYTES:
+        if n is not None and n * self.parameter_size > MAX_PARAMETER_BYTES:
             raise UsageError(
-                f"the model would have {n:,} parameters ({4 * n / 2**30:.1f} GiB as float32), over the "
-                f"{MAX_PARAMETER_BYTES >> 30} GiB limit; choose smaller layers"
+                f"the model would have {n:,} parameters ({n * self.parameter_size / 2**30:.1f} GiB), over the "
+                f"{MAX_PARAMETER_BYTES >> 30} GiB limit for the parameters alone; choose smaller layers"
             )
+
+    torch_trainer = True  # False for configs of the NumPy trainer (no torch-only settings)
+    parameter_size = 4  # bytes per parameter (float32)
 
     def model_kwargs(self) -> dict[str, Any]:
         """Arguments of ``create_model`` for this config's model (recipes override)."""
@@ -174,14 +187,7 @@ def _base_type(tp: Any) -> Any:
     return tp
 
 
-def config_fields(cls: type[TrainConfig], numpy: bool = False) -> list[dataclasses.Field]:
-    """The fields that are flags: all of them, less the torch-only ones for the NumPy trainer."""
-    return [f for f in dataclasses.fields(cls) if not (numpy and f.metadata.get("torch_only"))]
-
-
-def add_config_args(
-    parser: argparse.ArgumentParser, defaults: TrainConfig, presets: dict[str, dict], numpy: bool = False
-) -> None:
+def add_config_args(parser: argparse.ArgumentParser, defaults: TrainConfig, presets: dict[str, dict]) -> None:
     """One flag per field of ``defaults``' class; help shows ``defaults`` (the first preset)."""
     first = next(iter(presets))
     parser.add_argument(
@@ -189,9 +195,11 @@ def add_config_args(
     )
     group = parser.add_argument_group(f"settings (defaults shown are the {first} preset's)")
     hints = typing.get_type_hints(type(defaults))
-    for f in config_fields(type(defaults), numpy):
+    for f in dataclasses.fields(defaults):
+        if f.metadata.get("torch_only") and not defaults.torch_trainer:
+            continue
         tp = _base_type(hints[f.name])
-        flags = [f"--{f.name.replace('_', '-')}"] + ([f"--{f.name}"] if "_" in f.name else [])
+        flags = [flag(f.name)] + ([f"--{f.name}"] if "_" in f.name else [])
         value = getattr(defaults, f.name)
         shown = ",".join(map(str, value)) if isinstance(value, list) else value
         kw: dict[str, Any] = {

@@ -24,11 +24,13 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from cifarlab.config import PREPROCESSINGS
 from cifarlab.errors import DataError, UsageError
+from cifarlab.runs import check_writable_dir
 
 CLASSES: tuple[str, ...] = tuple("airplane automobile bird cat deer dog frog horse ship truck".split())
 
@@ -77,11 +79,7 @@ def data_root(data_dir: str | os.PathLike | None = None) -> Path:
         root, what = Path(os.environ["CIFARLAB_DATA"]).expanduser(), "$CIFARLAB_DATA"
     else:
         root, what = Path.home() / ".cache" / "cifarlab", "the data folder"
-    for p in (root, *root.parents):
-        if p.exists():
-            if not p.is_dir():
-                raise DataError(f"{what} {root}: {p} is a file; point it to the folder holding {BIN_DIR}/")
-            break
+    check_writable_dir(root, what, DataError)
     return root
 
 
@@ -229,9 +227,12 @@ def _nhwc(x: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(x.transpose(0, 2, 3, 1))
 
 
-def dataset_fingerprint(data_dir: str | os.PathLike | None = None) -> dict[str, str]:
-    """Which files a run used: folder and the (verified) md5 table, for config.json."""
+def dataset_fingerprint(data_dir: str | os.PathLike | None = None, verified: bool = True) -> dict[str, Any]:
+    """Which files a run used, for config.json: the folder and the md5 table they were
+    verified against (``verified: false`` and no md5s under --no-verify)."""
     folder = find_dataset(data_dir)
+    if not verified:
+        return {"folder": str(folder), "verified": False}
     return {"folder": str(folder), **(MD5[folder.name] if folder else {})}
 
 

@@ -28,3 +28,8 @@ class TrainingDiverged(CifarlabError):
 
 class RunLocked(CifarlabError):
     """Another live process is writing the same run directory."""
+
+
+def reason(e: BaseException, limit: int = 300) -> str:
+    """An exception's message on one line (for the end of a one-line error)."""
+    return " ".join(str(e).split())[:limit] or type(e).__name__

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from cifarlab.data import CLASSES, load_cifar10
-from cifarlab.errors import UsageError
+from cifarlab.errors import CheckpointError, UsageError, reason
 from cifarlab.runs import atomic_write_json, check_writable_dir
 
 
@@ -34,15 +34,22 @@ def load_classifier(path: str | Path) -> tuple[Callable[[np.ndarray], np.ndarray
     if get_model_entry(ckpt.model).framework == "numpy":
         from cifarlab.numpy_nn.train import features
 
-        return (lambda x: model.logits(features(x, prep, model.dtype))), meta
-    import torch
+        def logits(x: np.ndarray) -> np.ndarray:
+            return model.logits(features(x, prep, model.dtype))
+    else:
+        from cifarlab.train import logits_in_batches
 
-    from cifarlab.train import to_tensor
+        def logits(x: np.ndarray) -> np.ndarray:
+            return logits_in_batches(model, x, prep, 500).numpy()
 
-    @torch.inference_mode()
-    def logits(x: np.ndarray) -> np.ndarray:
-        return np.concatenate([model(to_tensor(x[i : i + 500], prep)).numpy() for i in range(0, len(x), 500)])
-
+    try:  # a checkpoint whose arguments build a model of another shape fails here, not later
+        shape = logits(np.zeros((2, 32, 32, 3), np.uint8)).shape
+    except Exception as e:
+        raise CheckpointError(f"{ckpt.path}: its model does not run on 32x32 images ({reason(e)})") from None
+    if shape != (2, len(CLASSES)):
+        raise CheckpointError(
+            f"{ckpt.path}: its model gives outputs of shape {shape[1:]}, not the {len(CLASSES)} CIFAR-10 classes"
+        )
     return logits, meta
 
 
@@ -51,11 +58,18 @@ def softmax(z: np.ndarray) -> np.ndarray:
     return e / e.sum(1, keepdims=True)
 
 
+def _report_folder(target: Path) -> Path:
+    """Where eval writes by default: the run directory (never inside checkpoint/, which the
+    next save replaces), else the folder of the file named."""
+    folder = target if target.is_dir() else target.parent
+    return folder.parent if folder.name in ("checkpoint", "checkpoint.old") else folder
+
+
 def eval_main(args: argparse.Namespace) -> int:
     from cifarlab.plots import plot_confusion
 
     target = Path(args.target)
-    out = Path(args.out) if args.out else (target if target.is_dir() else target.parent)
+    out = Path(args.out) if args.out else _report_folder(target)
     check_writable_dir(out, "--out")
     logits_fn, meta = load_classifier(target)
     _, _, x_test, y_test = load_cifar10(args.data_dir, verify=args.verify)

@@ -30,11 +30,11 @@ from typing import Any, Protocol
 import numpy as np
 
 from cifarlab import checkpoints
-from cifarlab.config import TrainConfig, add_config_args, add_data_args, given_flags, make_config
+from cifarlab.config import TrainConfig, add_config_args, add_data_args, flag, given_flags, make_config
 from cifarlab.data import Batches, Preprocess, dataset_fingerprint, load_cifar10
-from cifarlab.errors import CheckpointError, TrainingDiverged, UsageError
+from cifarlab.errors import CheckpointError, TrainingDiverged, UsageError, reason
 from cifarlab.recipes import Recipe
-from cifarlab.runs import RunDir, machine, print_result, training_summary
+from cifarlab.runs import RunDir, atomic_write_json, machine, print_result
 from cifarlab.schedules import lr_at
 
 Data = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
@@ -61,10 +61,17 @@ class TrainState:
 
     @classmethod
     def from_json(cls, text: str) -> TrainState:
+        """The state saved by :meth:`to_json`; anything else is a CheckpointError."""
         try:
-            return cls(**json.loads(text))
+            state = cls(**json.loads(text))
         except (TypeError, ValueError) as e:
             raise CheckpointError(f"damaged trainer state in the checkpoint ({e})") from None
+        for f in dataclasses.fields(state):
+            v = getattr(state, f.name)
+            ok = isinstance(v, int) if f.type in ("int", int) else isinstance(v, (int, float))
+            if isinstance(v, bool) or not ok or not np.isfinite(v) or (v < 0 and f.name != "loss_sum"):
+                raise CheckpointError(f"damaged trainer state in the checkpoint ({f.name}={v!r})")
+        return state
 
 
 class Learner(Protocol):
@@ -127,22 +134,23 @@ def fit(
     data: Data,
     meta: dict[str, Any],
     prep: Preprocess,
-    resume: bool = False,
+    state: TrainState | None = None,
     progress: bool = True,
     on_step: Callable[[TrainState], None] | None = None,
 ) -> dict[str, Any]:
-    """Train for ``cfg.max_steps`` steps, evaluating, logging and checkpointing every
-    ``cfg.eval_freq``; returns the summary. ``meta`` ({"model", "model_kwargs"}) goes into the
-    checkpoint so eval/predict can rebuild the model; ``on_step`` is called after every step."""
+    """Train from ``state`` (a fresh one, or :func:`restore`'s to resume) to ``cfg.max_steps``,
+    evaluating, logging and checkpointing every ``cfg.eval_freq``; returns the summary.
+    ``meta`` ({"model", "model_kwargs"}) goes into the checkpoint so eval/predict can rebuild
+    the model; ``on_step`` is called after every step."""
     from tqdm import tqdm
 
     x_train, y_train, x_test, y_test = data
     batches = Batches(x_train, y_train, cfg.batch_size, seed=cfg.seed, augment=cfg.augment)
-    state = TrainState()
-    if resume:
-        state = _restore(learner, run)
+    resumed = state is not None
+    state = state or TrainState()
+    if resumed:
         run.truncate_metrics(state.step)
-    first_step = state.step
+    first_step, first_train_seconds = state.step, state.train_seconds
 
     def checkpoint() -> None:
         arrays, plain = learner.trainer_state()
@@ -154,9 +162,14 @@ def fit(
         state.loss_sum += loss_sum
         state.correct += correct
         if not np.isfinite(state.loss_sum):
+            kept = (
+                f"The last good checkpoint is kept in {run.checkpoint_dir}."
+                if run.checkpoint_dir.exists()
+                else "No evaluation had passed: nothing was kept."
+            )
+            hint = "a lower --learning-rate" + (" or --grad-clip 1.0" if cfg.torch_trainer else "")
             raise TrainingDiverged(
-                f"loss became {state.loss_sum} before step {state.step}; stopped. The last good "
-                f"checkpoint is kept in {run.checkpoint_dir}. Try a lower --learning-rate or --grad-clip 1.0"
+                f"loss became {state.loss_sum} before step {state.step}; stopped. {kept} Try {hint}"
             )
 
     def evaluate_log_checkpoint(lr: float) -> None:
@@ -183,7 +196,7 @@ def fit(
         bar.set_postfix(
             loss=f"{record['train_loss']:.3f}",
             test_acc=f"{ev['acc']:.4f}",
-            img_s=f"{(state.step - first_step) * cfg.batch_size / max(state.train_seconds, 1e-9):.0f}",
+            img_s=f"{(state.step - first_step) * cfg.batch_size / max(state.train_seconds - first_train_seconds, 1e-9):.0f}",
         )
 
     t0 = time.perf_counter() - state.elapsed
@@ -212,33 +225,43 @@ def fit(
                         checkpoint()
                     raise KeyboardInterrupt(f"stopped at step {state.step}; resume with --resume {run.path}")
                 t_train = time.perf_counter()
-    summary = training_summary(
-        run,
-        cfg.max_steps,
-        cfg.batch_size,
-        batches.epoch_of(cfg.max_steps),
-        time.perf_counter() - t0,
-        state.train_seconds,
-    )
-    summary["eval_images_per_second"] = round(state.eval_images / max(state.eval_seconds, 1e-9), 1)
-    summary["resumed"] = resume
+    metrics = run.read_metrics()
+    if not metrics:
+        raise CheckpointError(f"{run.metrics_path} is missing or empty: the run cannot be summarised")
+    last = metrics[-1]
+    summary = {
+        "test_accuracy": last["test_acc"],
+        "test_loss": last["test_loss"],
+        "steps": cfg.max_steps,
+        "epochs": round(batches.epoch_of(cfg.max_steps), 3),
+        "wall_seconds": round(time.perf_counter() - t0, 2),
+        "images_per_second": round(cfg.max_steps * cfg.batch_size / max(state.train_seconds, 1e-9), 1),
+        "eval_images_per_second": round(state.eval_images / max(state.eval_seconds, 1e-9), 1),
+        "resumed": resumed,
+    }
     return run.finish(summary, title=f"{meta.get('model', '')} {run.path.name}")
 
 
-def _restore(learner: Learner, run: RunDir) -> TrainState:
-    """Load the run's last checkpoint into ``learner``; returns its TrainState."""
-    checkpoints.recover(run.checkpoint_dir)
+def restore(learner: Learner, run: RunDir, meta: dict[str, Any]) -> TrainState:
+    """Load the run's last checkpoint into ``learner`` (it must be of ``meta``'s model, with
+    the same arguments); returns the TrainState to give ``fit``. Nothing is written."""
     ckpt = checkpoints.load(run.checkpoint_dir)
+    if (ckpt.model, ckpt.model_kwargs) != (meta["model"], meta["model_kwargs"]):
+        raise CheckpointError(
+            f"{run.checkpoint_dir} holds {ckpt.model} {ckpt.model_kwargs}, but the run's config.json says "
+            f"{meta['model']} {meta['model_kwargs']}: one of them was changed; start a new run"
+        )
     arrays, md = checkpoints.load_state(run.checkpoint_dir)
     if "state" not in md:
         raise CheckpointError(f"{run.checkpoint_dir}: no trainer state to resume from")
+    state = TrainState.from_json(md["state"])
     try:
-        plain = json.loads(md.get("plain", "{}"))
-        learner.load(ckpt.weights, arrays, plain)
+        learner.load(ckpt.weights, arrays, json.loads(md.get("plain", "{}")))
     except (KeyError, ValueError, RuntimeError, TypeError) as e:
-        reason = " ".join(str(e).split())[:300] or type(e).__name__
-        raise CheckpointError(f"{run.checkpoint_dir}: does not match this run's model ({reason})") from None
-    return TrainState.from_json(md["state"])
+        raise CheckpointError(
+            f"{run.checkpoint_dir}: does not match this run's model ({reason(e)})"
+        ) from None
+    return state
 
 
 # --------------------------------------------------------------------------- cifarlab train
@@ -256,11 +279,11 @@ def add_arguments(p: argparse.ArgumentParser, recipe: Recipe) -> None:
         "--resume",
         metavar="RUN_DIR",
         help=f"continue an interrupted run from its last checkpoint; of the settings only "
-        f"{', '.join('--' + n.replace('_', '-') for n in RESUMABLE_CHANGES)} may change "
-        "(a larger --max-steps extends a finished run)",
+        f"{', '.join(map(flag, RESUMABLE_CHANGES))} may change (a larger --max-steps extends a "
+        "finished run, re-stretching the LR schedule over the new total)",
     )
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
-    add_config_args(p, recipe.defaults(), recipe.presets, numpy=recipe.framework == "numpy")
+    add_config_args(p, recipe.defaults(), recipe.presets)
 
 
 def make_learner(recipe: Recipe, cfg: TrainConfig, prep: Preprocess) -> Learner:
@@ -274,7 +297,7 @@ def make_learner(recipe: Recipe, cfg: TrainConfig, prep: Preprocess) -> Learner:
     return TorchLearner.create(recipe.name, cfg, prep)
 
 
-def _resume_config(recipe: Recipe, args: argparse.Namespace, run: RunDir) -> TrainConfig:
+def resume_config(recipe: Recipe, args: argparse.Namespace, run: RunDir) -> TrainConfig:
     """The run's saved config, with the few changes a resume allows; anything else is refused."""
     saved = run.read_config()
     if saved.get("model") != recipe.name:
@@ -282,17 +305,12 @@ def _resume_config(recipe: Recipe, args: argparse.Namespace, run: RunDir) -> Tra
             f"{run.path} is a run of {saved.get('model')!r}, not {recipe.name}; "
             f"resume it with `cifarlab train {saved.get('model')} --resume {run.path}`"
         )
-    names = {f.name for f in dataclasses.fields(recipe.config)}
-    unknown = sorted(set(saved["train"]) - names)
+    unknown = sorted(set(saved["train"]) - {f.name for f in dataclasses.fields(recipe.config)})
     if unknown:
         raise CheckpointError(
             f"{run.config_path}: unknown settings {unknown}; was it written by another version?"
         )
-    try:
-        old = recipe.config(**saved["train"])
-    except TypeError as e:
-        raise CheckpointError(f"{run.config_path}: damaged settings ({e})") from None
-    old.validate()
+    old = dataclasses.replace(recipe.config(), **saved["train"])
     if args.preset is not None and args.preset != saved.get("preset"):
         raise UsageError(f"--preset cannot change on --resume (the run used {saved.get('preset')!r})")
     changes = {k: v for k, v in given_flags(recipe.config, args).items() if v != getattr(old, k)}
@@ -300,10 +318,10 @@ def _resume_config(recipe: Recipe, args: argparse.Namespace, run: RunDir) -> Tra
     if refused:
         name = refused[0]
         raise UsageError(
-            f"--{name.replace('_', '-')} cannot change on --resume (the run used {getattr(old, name)!r}); "
-            f"only {', '.join('--' + n.replace('_', '-') for n in RESUMABLE_CHANGES)} may. Start a new run instead"
+            f"{flag(name)} cannot change on --resume (the run used {getattr(old, name)!r}); only "
+            f"{', '.join(map(flag, RESUMABLE_CHANGES))} may. Start a new run instead"
         )
-    cfg = make_config(recipe.config, {}, {**dataclasses.asdict(old), **changes})
+    cfg = make_config(recipe.config, {}, {**dataclasses.asdict(old), **changes})  # validated again
     if run.summary_path.is_file() and cfg.max_steps <= old.max_steps:
         raise UsageError(
             f"{run.path} is a finished run ({old.max_steps} steps); pass a larger --max-steps to extend it"
@@ -312,65 +330,73 @@ def _resume_config(recipe: Recipe, args: argparse.Namespace, run: RunDir) -> Tra
 
 
 def main(recipe: Recipe, args: argparse.Namespace) -> int:
-    """``cifarlab train <recipe>``: validate, load, then create/lock the run and fit."""
-    resume = args.resume is not None
-    if resume:
-        if args.out and args.out != args.resume:
-            raise UsageError("give either --out or --resume (a resumed run continues in its own directory)")
-        run = RunDir.open(args.resume)
-        run.lock()
+    """``cifarlab train <recipe>``: everything is validated and loaded before the run directory
+    is created (or, to resume, changed); then it is locked and trained."""
+    if args.resume is not None:
+        return _resume(recipe, args)
+    cfg = recipe.make_config(args.preset, **given_flags(recipe.config, args))
+    if args.out is not None:  # refuse a bad --out before the (slow) data and model
+        RunDir.check_new(args.out)
+    data = load_cifar10(args.data_dir, verify=args.verify)
+    prep = Preprocess.fit(cfg.preprocess, data[0])
+    learner = make_learner(recipe, cfg, prep)
+    meta = {"model": recipe.name, "model_kwargs": cfg.model_kwargs()}
+    run = RunDir.create(recipe.name, out=args.out)
     try:
-        if resume:
-            cfg = _resume_config(recipe, args, run)
-            checkpoints.recover(run.checkpoint_dir)
-            if not (run.checkpoint_dir / checkpoints.STATE_FILE).is_file():
-                raise CheckpointError(
-                    f"{run.path} has no checkpoint to resume (it stopped before its first evaluation); start a new run"
-                )
-        else:
-            cfg = recipe.make_config(args.preset, **given_flags(recipe.config, args))
-            if args.out is not None:  # refuse a bad --out before the (slow) data and model
-                RunDir.check_new(args.out)
-        data = load_cifar10(args.data_dir, verify=args.verify)
-        prep = Preprocess.fit(cfg.preprocess, data[0])
-        learner = make_learner(recipe, cfg, prep)
-        meta = {"model": recipe.name, "model_kwargs": cfg.model_kwargs()}
-        if not resume:
-            run = RunDir.create(recipe.name, out=args.out)
-            run.lock()
-            run.write_config(
-                {
-                    "command": "cifarlab train " + recipe.name,
-                    "preset": args.preset or next(iter(recipe.presets)),
-                    **meta,
-                    "train": dataclasses.asdict(cfg),
-                    "data": dataset_fingerprint(args.data_dir),
-                    "parameters": learner.num_parameters(),
-                    "machine": machine(learner.threads()),
-                },
-                libraries=learner.libraries,
-            )
-        elif cfg != recipe.config(**run.read_config()["train"]):
-            _update_config(run, cfg)
-        summary = fit(learner, cfg, run, data, meta, prep, resume=resume, progress=args.progress)
+        run.lock()
+        run.write_config(
+            {
+                "command": "cifarlab train " + recipe.name,
+                "preset": args.preset or next(iter(recipe.presets)),
+                **meta,
+                "train": dataclasses.asdict(cfg),
+                "data": dataset_fingerprint(args.data_dir, verified=args.verify),
+                "parameters": learner.num_parameters(),
+                "machine": machine(learner.threads()),
+            },
+            libraries=learner.libraries,
+        )
+        summary = fit(learner, cfg, run, data, meta, prep, progress=args.progress)
     except BaseException:
-        if not resume and "run" in locals():
-            run.remove_if_unstarted()
+        if run.locked:
+            run.remove_if_unstarted()  # a failed start leaves nothing behind
         raise
     finally:
-        if "run" in locals():
-            run.unlock()
+        run.unlock()
     print_result(run, summary)
     return 0
 
 
-def _update_config(run: RunDir, cfg: TrainConfig) -> None:
-    """Record the settings a resume changed, and when, in config.json."""
-    from cifarlab.runs import atomic_write_json
-
-    config = run.read_config()
-    config.setdefault("resumed_with", []).append(
-        {k: v for k, v in dataclasses.asdict(cfg).items() if config["train"].get(k) != v}
-    )
-    config["train"] = dataclasses.asdict(cfg)
-    atomic_write_json(run.config_path, config)
+def _resume(recipe: Recipe, args: argparse.Namespace) -> int:
+    """``--resume RUN``: lock, check config and checkpoint, and only then change anything."""
+    if args.out and args.out != args.resume:
+        raise UsageError("give either --out or --resume (a resumed run continues in its own directory)")
+    run = RunDir.open(args.resume)
+    run.lock()
+    try:
+        cfg = resume_config(recipe, args, run)
+        checkpoints.recover(run.checkpoint_dir)
+        if not (run.checkpoint_dir / checkpoints.STATE_FILE).is_file():
+            raise CheckpointError(
+                f"{run.path} has no checkpoint to resume (it stopped before its first evaluation); start a new run"
+            )
+        data = load_cifar10(args.data_dir, verify=args.verify)
+        prep = Preprocess.fit(cfg.preprocess, data[0])
+        learner = make_learner(recipe, cfg, prep)
+        meta = {"model": recipe.name, "model_kwargs": cfg.model_kwargs()}
+        state = restore(learner, run, meta)
+        if cfg.max_steps < state.step:
+            raise UsageError(f"--max-steps {cfg.max_steps} is below the step the run reached ({state.step})")
+        # all checked: now the run may change
+        saved = run.read_config()
+        if dataclasses.asdict(cfg) != saved["train"]:
+            changed = {k: v for k, v in dataclasses.asdict(cfg).items() if saved["train"].get(k) != v}
+            saved.setdefault("resumed_with", []).append({"at_step": state.step, **changed})
+            saved["train"] = dataclasses.asdict(cfg)
+            atomic_write_json(run.config_path, saved)
+        run.summary_path.unlink(missing_ok=True)  # an extended run is unfinished until it ends again
+        summary = fit(learner, cfg, run, data, meta, prep, state=state, progress=args.progress)
+    finally:
+        run.unlock()
+    print_result(run, summary)
+    return 0

@@ -12,7 +12,6 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from cifarlab.config import ACTIVATIONS, NORMS, NUMPY_ACTIVATIONS, TrainConfig, make_config, setting
-from cifarlab.errors import UsageError
 
 
 def _mlp_parameters(widths: list[int], norm: str = "none") -> int:
@@ -25,7 +24,7 @@ def _mlp_parameters(widths: list[int], norm: str = "none") -> int:
 class MLPConfig(TrainConfig):
     """The PyTorch MLP of the seed's Part 2."""
 
-    dnn_hidden_units: list[int] = setting([100], "hidden sizes, comma-separated ('' = none)")
+    dnn_hidden_units: list[int] = setting([100], "hidden sizes, comma-separated ('' = none)", lo=1, hi=10**6)
     activation: str = setting("elu", "hidden activation", choices=ACTIVATIONS)
     norm: str = setting("none", "normalisation after each hidden Linear", choices=NORMS)
     dropout: float = setting(0.0, "dropout after each hidden block", lo=0, hi=1, hi_open=True)
@@ -51,16 +50,16 @@ class MLPConfig(TrainConfig):
 class NumpyMLPConfig(TrainConfig):
     """The NumPy MLP of the seed's Part 1 (hand-written backward; never imports torch)."""
 
-    dnn_hidden_units: list[int] = setting([100], "hidden sizes, comma-separated ('' = none)")
+    dnn_hidden_units: list[int] = setting([100], "hidden sizes, comma-separated ('' = none)", lo=1, hi=10**6)
     activation: str = setting("elu", "hidden activation", choices=NUMPY_ACTIVATIONS)
     init: str = setting("seed", "weight init", choices=("seed", "he", "glorot"))
     dtype: str = setting("float32", "float type", choices=("float32", "float64"))
 
-    def validate(self) -> None:
-        super().validate()
-        for name in ("label_smoothing", "grad_clip", "channels_last", "threads", "log_grad_norms"):
-            if getattr(self, name) != getattr(TrainConfig, name):
-                raise UsageError(f"--{name.replace('_', '-')} is a torch trainer setting; mlp-numpy has none")
+    torch_trainer = False
+
+    @property
+    def parameter_size(self) -> int:  # type: ignore[override]
+        return 8 if self.dtype == "float64" else 4
 
     def model_kwargs(self) -> dict[str, Any]:
         return {

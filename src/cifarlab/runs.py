@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cifarlab.errors import CheckpointError, RunLocked, UsageError
+from cifarlab.errors import CheckpointError, CifarlabError, RunLocked, UsageError
 
 METRIC_KEYS = ("step", "epoch", "train_loss", "train_acc", "test_loss", "test_acc", "seconds")
 
@@ -34,10 +34,17 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual mode
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
@@ -91,28 +98,6 @@ def machine(threads: int | None = None) -> dict[str, Any]:
         "cores": os.cpu_count(),
         "threads": threads,
         **({"isa": isa} if flags else {}),
-    }
-
-
-def training_summary(
-    run: RunDir,
-    steps: int,
-    batch_size: int,
-    epochs: float,
-    wall_seconds: float,
-    train_seconds: float,
-    trained_steps: int | None = None,
-) -> dict[str, Any]:
-    """The summary both trainers write: final and best test accuracy, time and throughput."""
-    last = run.read_metrics()[-1]
-    trained = steps if trained_steps is None else trained_steps
-    return {
-        "test_accuracy": last["test_acc"],
-        "test_loss": last["test_loss"],
-        "steps": steps,
-        "epochs": round(epochs, 3),
-        "wall_seconds": round(wall_seconds, 2),
-        "images_per_second": round(trained * batch_size / max(train_seconds, 1e-9), 1),
     }
 
 
@@ -193,28 +178,42 @@ class RunDir:
         return self.path / ".lock"
 
     def lock(self) -> None:
-        """Take the run directory for this process; a live holder makes it a RunLocked error,
-        a dead one's lock (its pid gone) is taken over."""
-        me = str(os.getpid()).encode()
-        for _ in range(3):
+        """Take the run directory for this process, or raise RunLocked naming the live holder.
+
+        An advisory ``flock`` on ``.lock`` (which holds the pid, for the message): the kernel
+        drops it when its process dies, so a stale lock can never block a run."""
+        import fcntl
+
+        while True:
+            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
-                fd = os.open(self.lock_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                holder = _lock_holder(self.lock_path)
-                if holder is not None and holder != os.getpid() and _alive(holder):
-                    raise RunLocked(
-                        f"{self.path} is being written by process {holder}; wait for it or stop it first"
-                    ) from None
-                self.lock_path.unlink(missing_ok=True)  # stale: its process is gone
-                continue
-            with os.fdopen(fd, "wb") as f:
-                f.write(me)
-            return
-        raise RunLocked(f"could not take the lock {self.lock_path}")
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+                os.close(fd)
+                raise RunLocked(
+                    f"{self.path} is being written by process {holder}; wait for it or stop it first"
+                ) from None
+            try:  # the file we locked must still be the one at the path (not unlinked by a releaser)
+                if os.fstat(fd).st_ino == os.stat(self.lock_path).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._lock_fd = fd
+
+    @property
+    def locked(self) -> bool:
+        """Whether this process holds the run directory's lock."""
+        return getattr(self, "_lock_fd", None) is not None
 
     def unlock(self) -> None:
-        if _lock_holder(self.lock_path) == os.getpid():
+        if self.locked:
             self.lock_path.unlink(missing_ok=True)
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
     # -- paths ------------------------------------------------------------------------------
     @property
@@ -244,10 +243,10 @@ class RunDir:
     def remove_if_unstarted(self) -> None:
         """Delete this directory if no training step was checkpointed in it (a failed start
         leaves nothing behind); only the files a start writes are removed."""
-        if self.checkpoint_dir.exists() or self.metrics_path.exists() or self.summary_path.exists():
+        if not self.locked or self.checkpoint_dir.exists() or self.metrics_path.exists():
             return
-        for name in ("config.json", ".lock"):
-            (self.path / name).unlink(missing_ok=True)
+        self.config_path.unlink(missing_ok=True)
+        self.unlock()
         if not self.created:
             return
         try:
@@ -292,37 +291,24 @@ class RunDir:
         for i, line in enumerate(self.metrics_path.read_text().splitlines(), 1):
             if line.strip():
                 try:
-                    out.append(json.loads(line))
+                    record = json.loads(line)
                 except json.JSONDecodeError:
-                    raise UsageError(f"{self.metrics_path}:{i}: not a JSON line") from None
+                    record = None
+                if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+                    raise CheckpointError(f"{self.metrics_path}:{i}: damaged (not a metrics record)")
+                out.append(record)
         return out
 
 
-def check_writable_dir(path: Path, what: str) -> None:
+def check_writable_dir(path: Path, what: str, error: type[CifarlabError] = UsageError) -> None:
     """Refuse a directory path that is a file or lies under a file, before anything is written."""
+    path = Path(path)
     for p in (path, *path.parents):
         if p.exists():
             if not p.is_dir():
                 where = "is" if p == path else f"lies under {p}, which is"
-                raise UsageError(f"{what} {path} {where} a file, not a directory")
+                raise error(f"{what} {path} {where} a file, not a directory")
             return
-
-
-def _lock_holder(path: Path) -> int | None:
-    try:
-        return int(path.read_text().strip())
-    except (OSError, ValueError):
-        return None
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -45,6 +45,20 @@ def to_tensor(x: np.ndarray, prep: Preprocess, channels_last: bool = False) -> t
 
 
 @torch.inference_mode()
+def logits_in_batches(
+    model: torch.nn.Module,
+    x: np.ndarray,
+    prep: Preprocess,
+    batch_size: int = 1000,
+    channels_last: bool = False,
+) -> torch.Tensor:
+    """The model's logits (N, C) for uint8 NHWC images, in no-grad batches, in whatever mode
+    (train/eval) the model is in."""
+    return torch.cat(
+        [model(to_tensor(x[i : i + batch_size], prep, channels_last)) for i in range(0, len(x), batch_size)]
+    )
+
+
 def evaluate(
     model: torch.nn.Module,
     x: np.ndarray,
@@ -53,18 +67,14 @@ def evaluate(
     batch_size: int = 1000,
     channels_last: bool = False,
 ) -> dict[str, Any]:
-    """Loss, accuracy and predictions over the whole of ``x`` in large no-grad batches."""
+    """Loss, accuracy and predictions over the whole of ``x``, in evaluation mode."""
     was_training = model.training
     model.eval()
-    loss_sum, preds = 0.0, []
-    for i in range(0, len(x), batch_size):
-        logits = model(to_tensor(x[i : i + batch_size], prep, channels_last))
-        target = torch.from_numpy(y[i : i + batch_size])
-        loss_sum += F.cross_entropy(logits, target, reduction="sum").item()
-        preds.append(logits.argmax(1).numpy())
+    logits = logits_in_batches(model, x, prep, batch_size, channels_last)
     model.train(was_training)
-    pred = np.concatenate(preds)
-    return {"loss": loss_sum / len(x), "acc": float((pred == y).mean()), "pred": pred}
+    loss = F.cross_entropy(logits, torch.from_numpy(y)).item()
+    pred = logits.argmax(1).numpy()
+    return {"loss": loss, "acc": float((pred == y).mean()), "pred": pred}
 
 
 def grad_norms(model: torch.nn.Module) -> dict[str, float]:

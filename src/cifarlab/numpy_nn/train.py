@@ -62,6 +62,7 @@ class NumpyLearner:
 
         return cls(create_model(name, seed=cfg.seed, **cfg.model_kwargs()), cfg, prep)
 
+    @np.errstate(over="ignore", invalid="ignore")  # a diverging run is caught by the loop, in one line
     def step(self, x: np.ndarray, y: np.ndarray, lr: float) -> None:
         self.opt.lr = lr
         logits = self.model.logits(features(x, self.prep, self.model.dtype))
@@ -76,6 +77,7 @@ class NumpyLearner:
         self.loss_sum, self.correct = 0.0, 0
         return out
 
+    @np.errstate(over="ignore", invalid="ignore")
     def evaluate(self, x: np.ndarray, y: np.ndarray) -> dict[str, float]:
         return evaluate(self.model, x, y, self.prep, self.cfg.eval_batch_size)
 

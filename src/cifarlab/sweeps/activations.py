@@ -13,7 +13,7 @@ import statistics
 
 import numpy as np
 
-from cifarlab.sweeps.common import Figure, Job, add_sweep_args, mean_curve, mean_std, publish, run_jobs
+from cifarlab.sweeps import common
 
 ACTS = ("elu", "tanh", "relu")
 HIDDEN = [256, 256, 256, 256]
@@ -21,7 +21,7 @@ STEPS, EVAL = 2000, 200
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    add_sweep_args(p, "activations")
+    common.add_sweep_args(p, "activations")
 
 
 def init_probe(activation: str, seed: int, x: np.ndarray, y: np.ndarray) -> dict[str, list[float]]:
@@ -50,12 +50,13 @@ def init_probe(activation: str, seed: int, x: np.ndarray, y: np.ndarray) -> dict
 
 
 def main(args: argparse.Namespace) -> int:
+    common.set_folders(args, "activations")
     from cifarlab.data import load_cifar10
 
     seeds = [42 + s for s in range(args.seeds)]
     hidden = ",".join(map(str, HIDDEN))
     jobs = [
-        Job(
+        common.Job(
             f"{a}-seed{s}",
             [
                 "mlp",
@@ -77,7 +78,7 @@ def main(args: argparse.Namespace) -> int:
         for a in ACTS
         for s in seeds
     ]
-    runs = run_jobs(jobs, args)
+    runs = common.run_jobs(jobs, args)
     x, y = load_cifar10(args.data_dir, verify=args.verify)[:2]
     layers = [f"hidden.{i}.linear.weight" for i in range(len(HIDDEN))] + ["output.weight"]
 
@@ -99,24 +100,20 @@ def main(args: argparse.Namespace) -> int:
         g0 = np.mean([p["grad_norm"] for p in probes], axis=0)
         std0 = np.mean([p["act_std"] for p in probes], axis=0)
         sat0 = np.mean([p["saturated"] for p in probes], axis=0)
-        g_end = statistics.mean(r.read_metrics()[-1]["grad_norms"][layers[0]] for r in rs)
+        metrics = [r.read_metrics() for r in rs]
+        g_end = statistics.mean(m[-1]["grad_norms"][layers[0]] for m in metrics)
         lines.append(
-            f"| {a} | {mean_std([s['test_accuracy'] for s in sums])} | {mean_std([s['best_test_accuracy'] for s in sums])} "
+            f"| {a} | {common.mean_std([s['test_accuracy'] for s in sums])} | {common.mean_std([s['best_test_accuracy'] for s in sums])} "
             f"| {g0[0]:.3g} / {g0[-1]:.3g} | {g_end:.3g} | {' → '.join(f'{v:.3g}' for v in std0)} "
             f"| {' → '.join(f'{v:.0%}' for v in sat0)} |"
         )
-        acc_series[a] = mean_curve(rs)
-        steps = [m["step"] for m in rs[0].read_metrics()]
-        grad_series[a] = (
-            steps,
-            [
-                statistics.mean(r.read_metrics()[i]["grad_norms"][layers[0]] for r in rs)
-                for i in range(len(steps))
-            ],
-        )
+        acc_series[a] = common.mean_curve(rs)
+        grad_series[a] = common.mean_curve(rs, lambda m: m["grad_norms"][layers[0]])
     figures = [
-        Figure("activations", acc_series, "step", "test accuracy", "ELU vs Tanh vs ReLU: test accuracy"),
-        Figure(
+        common.Figure(
+            "activations", acc_series, "step", "test accuracy", "ELU vs Tanh vs ReLU: test accuracy"
+        ),
+        common.Figure(
             "activations_grad",
             grad_series,
             "step",
@@ -125,5 +122,5 @@ def main(args: argparse.Namespace) -> int:
             logy=True,
         ),
     ]
-    publish(args, "activations", lines, figures)
+    common.publish(args, "activations", lines, figures)
     return 0

@@ -16,11 +16,12 @@ import shlex
 import statistics
 import subprocess
 import sys
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from cifarlab.config import ArgumentParser, add_data_args, given_flags
+from cifarlab.config import ArgumentParser, add_data_args, flag, given_flags
 from cifarlab.errors import UsageError
 from cifarlab.runs import RunDir, atomic_write_bytes, check_writable_dir
 
@@ -32,20 +33,18 @@ class Job:
 
 
 def add_sweep_args(p: argparse.ArgumentParser, name: str, seeds: int = 3) -> None:
+    """The flags every sweep has; ``--out-root``/``--out`` default to runs/sweeps/<name>
+    (``name`` may be completed later: see :func:`set_folders`)."""
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel processes (threads are split)")
     p.add_argument("--seeds", type=int, default=seeds, help="seeds per configuration (default: %(default)s)")
-    p.add_argument(
-        "--out-root",
-        default=f"runs/sweeps/{name}",
-        help="where the run directories go (default: %(default)s)",
-    )
+    p.add_argument("--out-root", help=f"where the run directories go (default: runs/sweeps/{name})")
     p.add_argument(
         "--out",
         "--results",
         dest="results",
-        default=f"runs/sweeps/{name}",
-        help="where the table and plots go (default: %(default)s; --out results to update the project's)",
+        help=f"where the table and plots go (default: runs/sweeps/{name}; --out results to update the project's)",
     )
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     p.add_argument("--max-steps", type=int, help="override every run's steps (for a quick look)")
     p.add_argument(
         "--extra",
@@ -54,6 +53,12 @@ def add_sweep_args(p: argparse.ArgumentParser, name: str, seeds: int = 3) -> Non
         help="more flags for every run, e.g. --extra='--batch-size 64'",
     )
     add_data_args(p)
+
+
+def set_folders(args: argparse.Namespace, name: str) -> None:
+    """Default ``--out-root`` and ``--out`` to runs/sweeps/<name>."""
+    args.out_root = args.out_root or f"runs/sweeps/{name}"
+    args.results = args.results or f"runs/sweeps/{name}"
 
 
 def check_sweep_args(args: argparse.Namespace) -> None:
@@ -72,8 +77,9 @@ def check_sweep_args(args: argparse.Namespace) -> None:
     check_writable_dir(Path(args.results), "--out")
 
 
-def job_settings(argv: list[str]) -> tuple[str, dict]:
-    """The model and the exact settings ``cifarlab train *argv`` would run with."""
+def job_settings(argv: list[str]) -> tuple[str, dict, set[str]]:
+    """The model, the exact settings ``cifarlab train *argv`` would run with (invalid flags
+    are refused here, before anything runs), and the names of the settings ``argv`` gives."""
     from cifarlab import loop
     from cifarlab.recipes import RECIPES
 
@@ -81,19 +87,22 @@ def job_settings(argv: list[str]) -> tuple[str, dict]:
     parser = ArgumentParser(prog=f"cifarlab train {argv[0]}")
     loop.add_arguments(parser, recipe)
     args = parser.parse_args(argv[1:])
-    cfg = recipe.make_config(args.preset, **given_flags(recipe.config, args))
-    return recipe.name, dataclasses.asdict(cfg)
+    given = given_flags(recipe.config, args)
+    return recipe.name, dataclasses.asdict(recipe.make_config(args.preset, **given)), set(given)
 
 
-def _existing(out: Path, argv: list[str]) -> str:
-    """What to do with the job's directory: "new", "done" (reuse) or "resume"; a directory
-    holding other settings is an error (it is never overwritten)."""
-    if not out.exists():
-        return "new"
+def _plan(job: Job, extra: list[str], out: Path) -> str:
+    """What to do with a job: "new", "done" (reuse) or "resume". Refuses an --extra that
+    changes what the sweep varies, and a directory that holds a run with other settings
+    (it is never overwritten)."""
+    model, settings, _ = job_settings([*job.argv, *extra])
+    _, own, varied = job_settings(job.argv)
+    overridden = sorted(k for k in varied - {"max_steps"} if settings[k] != own[k])
+    if overridden:
+        raise UsageError(f"--extra must not change {flag(overridden[0])}: the sweep sets it for each run")
     run = RunDir(out)
-    if not run.config_path.is_file() and not any(out.iterdir()):
+    if not out.exists() or (not run.config_path.is_file() and not any(out.iterdir())):
         return "new"
-    model, settings = job_settings(argv)
     saved = run.read_config() if run.config_path.is_file() else {}
     if saved.get("model") != model or saved.get("train") != settings:
         diff = sorted(k for k in settings if saved.get("train", {}).get(k) != settings[k])
@@ -101,9 +110,7 @@ def _existing(out: Path, argv: list[str]) -> str:
             f"{out} holds a run with other settings ({', '.join(diff[:4]) or 'model'} differ); "
             "it is kept: choose another --out-root or remove it"
         )
-    if run.summary_path.is_file():
-        return "done"
-    return "resume"
+    return "done" if run.summary_path.is_file() else "resume"
 
 
 def run_jobs(jobs: list[Job], args: argparse.Namespace) -> dict[str, RunDir]:
@@ -126,7 +133,7 @@ def run_jobs(jobs: list[Job], args: argparse.Namespace) -> dict[str, RunDir]:
     if args.max_steps:
         extra += ["--max-steps", str(args.max_steps)]
     extra += shlex.split(args.extra)  # last: overrides the sweep's own flags
-    plan = {j.name: _existing(root / j.name, [*j.argv, *extra]) for j in jobs}  # all checked first
+    plan = {j.name: _plan(j, extra, root / j.name) for j in jobs}  # every job checked before any runs
     root.mkdir(parents=True, exist_ok=True)
     Path(args.results).mkdir(parents=True, exist_ok=True)
 
@@ -142,7 +149,8 @@ def run_jobs(jobs: list[Job], args: argparse.Namespace) -> dict[str, RunDir]:
         return None if r.returncode == 0 else f"{job.name}: {(r.stderr.strip().splitlines() or ['?'])[-1]}"
 
     with ThreadPoolExecutor(args.jobs) as pool:
-        failures = [f for f in tqdm(pool.map(one, jobs), total=len(jobs), desc="runs", unit="run") if f]
+        bar = tqdm(pool.map(one, jobs), total=len(jobs), desc="runs", unit="run", disable=not args.progress)
+        failures = [f for f in bar if f]
     if failures:
         raise UsageError(f"{len(failures)} run(s) failed (logs in {root}): " + "; ".join(failures))
     return {j.name: RunDir(root / j.name) for j in jobs}
@@ -189,8 +197,12 @@ def publish(args: argparse.Namespace, name: str, lines: list[str], figures: list
     return md
 
 
-def mean_curve(runs: list[RunDir], key: str = "test_acc") -> tuple[list[int], list[float]]:
-    """Step-wise mean of ``key`` over runs that share their evaluation steps."""
-    curves = [[(m["step"], m[key]) for m in r.read_metrics()] for r in runs]
+def mean_curve(
+    runs: list[RunDir], key: str | Callable[[dict], float] = "test_acc"
+) -> tuple[list[int], list[float]]:
+    """Step-wise mean of ``key`` (a metrics key, or a function of a record) over runs that
+    share their evaluation steps."""
+    value = key if callable(key) else (lambda m: m[key])
+    curves = [[(m["step"], value(m)) for m in r.read_metrics()] for r in runs]
     steps = [s for s, _ in curves[0]]
     return steps, [statistics.mean(c[i][1] for c in curves) for i in range(len(steps))]

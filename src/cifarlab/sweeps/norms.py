@@ -13,7 +13,7 @@ import math
 
 import numpy as np
 
-from cifarlab.sweeps.common import Figure, Job, add_sweep_args, mean_std, publish, run_jobs
+from cifarlab.sweeps import common
 
 NORMS = ("none", "batch", "layer")
 BATCHES = (2, 8, 32, 200)
@@ -21,7 +21,7 @@ IMAGES = 100_000  # training images per run
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    add_sweep_args(p, "norms", seeds=1)
+    common.add_sweep_args(p, "norms", seeds=1)
 
 
 def batch_stat_accuracy(run, x_test: np.ndarray, y_test: np.ndarray, batch_size: int) -> float:
@@ -29,22 +29,19 @@ def batch_stat_accuracy(run, x_test: np.ndarray, y_test: np.ndarray, batch_size:
     import torch
 
     from cifarlab import checkpoints
-    from cifarlab.train import to_tensor
+    from cifarlab.train import logits_in_batches
 
     ckpt = checkpoints.load(run.checkpoint_dir)
-    model, prep = checkpoints.build_model(ckpt), ckpt.preprocess
-    model.train()
-    model.hidden.apply(lambda m: m.eval() if isinstance(m, torch.nn.Dropout) else None)
-    n = len(x_test) // batch_size * batch_size
-    correct = 0
-    with torch.no_grad():
-        for i in range(0, n, max(batch_size, 1)):
-            logits = model(to_tensor(x_test[i : i + batch_size], prep, False))
-            correct += int((logits.argmax(1).numpy() == y_test[i : i + batch_size]).sum())
-    return correct / n
+    model = checkpoints.build_model(ckpt)
+    model.train()  # BatchNorm normalises each test batch by its own statistics ...
+    model.hidden.apply(lambda m: m.eval() if isinstance(m, torch.nn.Dropout) else None)  # ... dropout off
+    n = len(x_test) // batch_size * batch_size  # whole batches only
+    logits = logits_in_batches(model, x_test[:n], ckpt.preprocess, batch_size)
+    return float((logits.argmax(1).numpy() == y_test[:n]).mean())
 
 
 def main(args: argparse.Namespace) -> int:
+    common.set_folders(args, "norms")
     from cifarlab.data import load_cifar10
 
     seeds = [42 + s for s in range(args.seeds)]
@@ -73,8 +70,8 @@ def main(args: argparse.Namespace) -> int:
                     "--seed",
                     str(s),
                 ]
-                jobs.append(Job(f"{norm}-b{b}-seed{s}", argv))
-    runs = run_jobs(jobs, args)
+                jobs.append(common.Job(f"{norm}-b{b}-seed{s}", argv))
+    runs = common.run_jobs(jobs, args)
     _, _, x_test, y_test = load_cifar10(args.data_dir, verify=args.verify)
 
     acc = {
@@ -103,10 +100,10 @@ def main(args: argparse.Namespace) -> int:
         "|---|" + "---|" * len(BATCHES),
     ]
     for n in NORMS:
-        lines.append(f"| {n} | " + " | ".join(mean_std(acc[n, b]) for b in BATCHES) + " |")
+        lines.append(f"| {n} | " + " | ".join(common.mean_std(acc[n, b]) for b in BATCHES) + " |")
     lines.append(
         "| BatchNorm, test batches normalised by their own statistics (train mode) | "
-        + " | ".join(mean_std(gap[b]) for b in BATCHES)
+        + " | ".join(common.mean_std(gap[b]) for b in BATCHES)
         + " |"
     )
     lines.append(
@@ -120,5 +117,7 @@ def main(args: argparse.Namespace) -> int:
     series = {n: (list(BATCHES), [float(np.mean(acc[n, b])) for b in BATCHES]) for n in NORMS}
     series["batch (train-mode stats)"] = (list(BATCHES), [float(np.mean(gap[b])) for b in BATCHES])
     title = "normalisation vs batch size (same number of images)"
-    publish(args, "norms", lines, [Figure("norms", series, "batch size", "test accuracy", title)])
+    common.publish(
+        args, "norms", lines, [common.Figure("norms", series, "batch size", "test accuracy", title)]
+    )
     return 0

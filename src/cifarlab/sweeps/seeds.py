@@ -11,29 +11,24 @@ from __future__ import annotations
 import argparse
 import statistics
 
-from cifarlab.errors import UsageError
 from cifarlab.recipes import RECIPES
-from cifarlab.sweeps.common import Figure, Job, add_sweep_args, mean_std, publish, run_jobs
+from cifarlab.sweeps import common
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", choices=list(RECIPES), help="what `cifarlab train` trains")
     p.add_argument("--name", help="results file name (default: <model>-seeds)")
-    add_sweep_args(p, "seeds")
+    common.add_sweep_args(p, "<model>-seeds")
 
 
 def main(args: argparse.Namespace) -> int:
     name = args.name or f"{args.model}-seeds"
-    if args.out_root == "runs/sweeps/seeds":
-        args.out_root = f"runs/sweeps/{name}"
-    if args.results == "runs/sweeps/seeds":
-        args.results = f"runs/sweeps/{name}"
-    if "--seed" in args.extra.split():
-        raise UsageError("--extra must not set --seed: the sweep chooses the seeds")
+    common.set_folders(args, name)
     seeds = [42 + s for s in range(args.seeds)]
-    runs = run_jobs([Job(f"seed{s}", [args.model, "--seed", str(s)]) for s in seeds], args)
+    runs = common.run_jobs([common.Job(f"seed{s}", [args.model, "--seed", str(s)]) for s in seeds], args)
     sums = {s: runs[f"seed{s}"].read_summary() for s in seeds}
-    cmd = f"cifarlab sweep seeds {args.model} --seeds {args.seeds}" + (
+    cmd = f"cifarlab sweep seeds {args.model} --seeds {args.seeds}"
+    cmd += (f" --max-steps {args.max_steps}" if args.max_steps else "") + (
         f" --extra='{args.extra}'" if args.extra else ""
     )
     lines = [
@@ -52,14 +47,8 @@ def main(args: argparse.Namespace) -> int:
     best = [m["best_test_accuracy"] for m in sums.values()]
     wall = [m["wall_seconds"] for m in sums.values()]
     lines.append(
-        f"| **mean ± std** | **{mean_std(acc)}** | {mean_std(best)} | {statistics.mean(wall):.1f} | |"
+        f"| **mean ± std** | **{common.mean_std(acc)}** | {common.mean_std(best)} | {statistics.mean(wall):.1f} | |"
     )
-    series = {
-        f"seed {s}": (
-            [m["step"] for m in runs[f"seed{s}"].read_metrics()],
-            [m["test_acc"] for m in runs[f"seed{s}"].read_metrics()],
-        )
-        for s in seeds
-    }
-    publish(args, name, lines, [Figure(name, series, "step", "test accuracy", name)])
+    series = {f"seed {s}": common.mean_curve([runs[f"seed{s}"]]) for s in seeds}
+    common.publish(args, name, lines, [common.Figure(name, series, "step", "test accuracy", name)])
     return 0

@@ -10,7 +10,7 @@ import argparse
 import statistics
 
 from cifarlab.errors import UsageError
-from cifarlab.sweeps.common import Figure, Job, add_sweep_args, mean_curve, mean_std, publish, run_jobs
+from cifarlab.sweeps import common
 
 # (hidden, optimizer, lr, steps, the seed's test accuracy): spec.md, Part 2
 CONFIGS = [
@@ -25,7 +25,7 @@ CONFIGS = [
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    add_sweep_args(p, "table1")
+    common.add_sweep_args(p, "table1")
     p.add_argument("--configs", default="1,2,3,4,5,6,7", help="which rows of Table 1 (default: all)")
     p.add_argument(
         "--bn-first", action="store_true", help="Linear -> BatchNorm -> ELU instead of the seed's order"
@@ -47,6 +47,7 @@ def parse_configs(text: str) -> list[int]:
 
 
 def main(args: argparse.Namespace) -> int:
+    common.set_folders(args, "table1")
     rows = parse_configs(args.configs)
     jobs = []
     for i in rows:
@@ -69,8 +70,8 @@ def main(args: argparse.Namespace) -> int:
             ]
             if not args.bn_first:
                 argv.append("--norm-after-activation")
-            jobs.append(Job(f"config{i}-seed{42 + seed}", argv))
-    runs = run_jobs(jobs, args)
+            jobs.append(common.Job(f"config{i}-seed{42 + seed}", argv))
+    runs = common.run_jobs(jobs, args)
     lines = [
         "# Table 1 — the seed's PyTorch MLP configurations, re-run",
         "",
@@ -97,10 +98,10 @@ def main(args: argparse.Namespace) -> int:
         best = [s["best_test_accuracy"] for s in sums]
         wall = statistics.mean(s["wall_seconds"] for s in sums)
         lines.append(
-            f"| {i} | {hidden} | {opt} | {lr:g} | {sums[0]['steps']} | {seed_acc:.3f} | {mean_std(acc)} "
-            f"| {mean_std(best)} | {wall:.1f} |"
+            f"| {i} | {hidden} | {opt} | {lr:g} | {sums[0]['steps']} | {seed_acc:.3f} | {common.mean_std(acc)} "
+            f"| {common.mean_std(best)} | {wall:.1f} |"
         )
-        series[f"{i}: {hidden} {opt} lr={lr:g}"] = mean_curve(rs)
+        series[f"{i}: {hidden} {opt} lr={lr:g}"] = common.mean_curve(rs)
     title = "Table 1 configurations: test accuracy (mean over seeds)"
-    publish(args, "table1", lines, [Figure("table1", series, "step", "test accuracy", title)])
+    common.publish(args, "table1", lines, [common.Figure("table1", series, "step", "test accuracy", title)])
     return 0
