@@ -466,7 +466,9 @@ def test_resume_checks_everything_before_changing_the_run(tiny_run, synthetic, c
     state.write_bytes(state.read_bytes()[:100])
     fails([*argv, "--max-steps", "8"], capsys, "not a readable safetensors file")
     after = snapshot(tiny_run)
-    assert {k: v for k, v in after.items() if "state" not in k} == {k: v for k, v in before.items() if "state" not in k}
+    assert {k: v for k, v in after.items() if "state" not in k} == {
+        k: v for k, v in before.items() if "state" not in k
+    }
 
 
 def test_resume_refuses_a_damaged_metrics_log_and_a_bad_hidden_size(tiny_run, synthetic, capsys):
@@ -498,7 +500,9 @@ def test_an_interrupted_extension_resumes(tiny_run, synthetic, capsys):
     cfg = json.loads((copy / "config.json").read_text())
     cfg["train"]["max_steps"] = 6
     (copy / "config.json").write_text(json.dumps(cfg))
-    assert main(["train", "mlp", "--resume", str(copy), "--data-dir", str(synthetic[0]), "--no-progress"]) == 0
+    assert (
+        main(["train", "mlp", "--resume", str(copy), "--data-dir", str(synthetic[0]), "--no-progress"]) == 0
+    )
     a, b = (json.loads((d / "summary.json").read_text()) for d in (tiny_run, copy))
     assert a["test_accuracy"] == b["test_accuracy"] and a["steps"] == b["steps"] == 6
 
@@ -512,7 +516,10 @@ def test_numpy_divergence_is_one_line(synthetic, tmp_path, capsys, monkeypatch):
 
 
 def test_eval_of_a_checkpoint_file_reports_into_the_run(tiny_run, synthetic, capsys):
-    assert main(["eval", str(tiny_run / "checkpoint" / "model.safetensors"), "--data-dir", str(synthetic[0])]) == 0
+    assert (
+        main(["eval", str(tiny_run / "checkpoint" / "model.safetensors"), "--data-dir", str(synthetic[0])])
+        == 0
+    )
     assert (tiny_run / "eval.json").is_file() and not (tiny_run / "checkpoint" / "eval.json").exists()
     assert oct((tiny_run / "eval.json").stat().st_mode & 0o777) == oct(0o666 & ~_umask())
 
@@ -535,5 +542,7 @@ def test_sweep_extra_is_checked_for_every_job(synthetic, tmp_path, capsys):
     base += ["--out-root", str(root), "--out", str(res), "--no-progress"]
     fails([*base, "--extra=--bogus"], capsys, "unrecognized arguments: --bogus")
     fails([*base, "--extra=--max-steps 0"], capsys, "--max-steps must be in")
-    fails([*base, "--extra=--seed=7"], capsys, "--extra must not change --seed: the sweep sets it for each run")
+    fails(
+        [*base, "--extra=--seed=7"], capsys, "--extra must not change --seed: the sweep sets it for each run"
+    )
     assert not root.exists() and not res.exists()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -175,7 +176,9 @@ def build_model(ckpt: Checkpoint) -> Any:
         kwargs["pretrained"] = False
     torch_model = get_model_entry(ckpt.model).framework == "torch"
     try:
-        model = create_model(ckpt.model, **kwargs)
+        with warnings.catch_warnings():  # a warning while building from a checkpoint means bad arguments
+            warnings.simplefilter("error")
+            model = create_model(ckpt.model, **kwargs)
         if torch_model:
             import torch
 
@@ -183,9 +186,8 @@ def build_model(ckpt: Checkpoint) -> Any:
             model.eval()
         else:
             model.load_state_dict(ckpt.weights)
-    except (TypeError, KeyError, ValueError, RuntimeError) as e:
-        reason = " ".join(str(e).split())[:300] or type(e).__name__
+    except Exception as e:  # any failure to build or fill the model from these arguments and weights
         raise CheckpointError(
-            f"{ckpt.path}: checkpoint does not match its model {ckpt.model} ({reason})"
+            f"{ckpt.path}: checkpoint does not match its model {ckpt.model} ({reason(e)})"
         ) from None
     return model
