@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import shutil
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +44,6 @@ class Checkpoint:
     preprocess: Preprocess
     weights: dict[str, np.ndarray]
     path: Path | None = None  # the model.safetensors it was read from
-    extra: dict[str, Any] = field(default_factory=dict)  # other metadata keys, kept as read
 
 
 def save(
@@ -144,17 +143,14 @@ def load(target: str | Path) -> Checkpoint:
         raise CheckpointError(f"{path}: model_kwargs is not a JSON object")
     if prep_name not in PREPROCESSINGS:
         raise CheckpointError(f"{path}: unknown preprocessing {prep_name!r}")
-    for key, shapes in _PREP_SHAPES.items():
-        arr = weights.pop(key, None)
+    prep_arrays = {key: weights.pop(key, None) for key in _PREP_SHAPES}
+    for key, arr in prep_arrays.items():
+        shapes = _PREP_SHAPES[key]
         if arr is None or arr.shape not in shapes or arr.dtype != np.float32 or not np.isfinite(arr).all():
             got = "missing" if arr is None else f"{arr.dtype}{arr.shape}"
             raise CheckpointError(f"{path}: preprocessing array {key} is {got}; expected float32 {shapes}")
-        meta[key] = arr
-    prep = Preprocess(prep_name, meta.pop(PREP_SHIFT), meta.pop(PREP_SCALE))
-    extra = {
-        k: v for k, v in meta.items() if k not in ("model", "model_kwargs", "preprocess", "format_version")
-    }
-    return Checkpoint(model, kwargs, prep, weights, path, extra)
+    prep = Preprocess(prep_name, prep_arrays[PREP_SHIFT], prep_arrays[PREP_SCALE])
+    return Checkpoint(model, kwargs, prep, weights, path)
 
 
 def load_state(folder: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:

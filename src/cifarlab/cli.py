@@ -25,6 +25,11 @@ SWEEPS: dict[str, tuple[str, str]] = {
 }
 
 
+def sweeps() -> dict[str, str]:
+    """name -> description of every sweep."""
+    return {name: description for name, (_, description) in SWEEPS.items()}
+
+
 def trainers() -> dict[str, str]:
     """name -> description of every model ``cifarlab train`` knows (cifarlab.recipes)."""
     from cifarlab.recipes import RECIPES
@@ -60,7 +65,7 @@ def _build_parser() -> argparse.ArgumentParser:
         (
             "sweep",
             "run a family of experiments (tables and plots under runs/sweeps/)",
-            {k: d for k, (_, d) in SWEEPS.items()},
+            sweeps(),
         ),
     ):
         sp = sub.add_parser(
@@ -86,7 +91,7 @@ def _build_parser() -> argparse.ArgumentParser:
 
 def _dispatch(kind: str, args: argparse.Namespace) -> int:
     """``cifarlab train NAME ...`` / ``cifarlab sweep NAME ...``: NAME's own parser, then its main."""
-    table = trainers() if kind == "train" else {k: d for k, (_, d) in SWEEPS.items()}
+    table = trainers() if kind == "train" else sweeps()
     if args.target is None or args.target in ("-h", "--help"):
         print(f"usage: cifarlab {kind} NAME [options]   (cifarlab {kind} NAME --help for its options)\n")
         print("\n".join(f"  {k:18s} {d}" for k, d in table.items()))
