@@ -546,3 +546,9 @@ def test_sweep_extra_is_checked_for_every_job(synthetic, tmp_path, capsys):
         [*base, "--extra=--seed=7"], capsys, "--extra must not change --seed: the sweep sets it for each run"
     )
     assert not root.exists() and not res.exists()
+
+
+@pytest.mark.parametrize("kind", ["train", "sweep"])
+def test_bare_train_or_sweep_lists_choices_and_fails_in_one_line(kind, capsys):
+    err = fails([kind], capsys, f"name what to {kind}: one of")
+    assert "cifarlab: error: cifarlab" not in err

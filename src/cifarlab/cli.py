@@ -96,7 +96,7 @@ def _dispatch(kind: str, args: argparse.Namespace) -> int:
         print(f"usage: cifarlab {kind} NAME [options]   (cifarlab {kind} NAME --help for its options)\n")
         print("\n".join(f"  {k:18s} {d}" for k, d in table.items()))
         if args.target is None:
-            raise UsageError(f"cifarlab {kind}: choose one of: {', '.join(table)}")
+            raise UsageError(f"name what to {kind}: one of {', '.join(table)}")
         return 0
     if args.target not in table:
         raise UsageError(f"unknown {kind} target {args.target!r}; choose one of: {', '.join(table)}")
