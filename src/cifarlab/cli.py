@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 
 from cifarlab import __version__
 from cifarlab.config import ArgumentParser as _Parser
-from cifarlab.config import add_data_args
+from cifarlab.config import add_data_args, add_device_arg
 from cifarlab.errors import CifarlabError, UsageError, reason
 
 SWEEPS: dict[str, tuple[str, str]] = {
@@ -81,11 +82,13 @@ def _build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="evaluate a run or checkpoint on the test set")
     e.add_argument("target", metavar="RUN_DIR|CHECKPOINT")
     e.add_argument("--out", metavar="DIR", help="where to write the report (default: the run directory)")
+    add_device_arg(e)
     add_data_args(e)
     pr = sub.add_parser("predict", help="top-3 classes for image files")
     pr.add_argument("checkpoint", metavar="CHECKPOINT")
     pr.add_argument("images", metavar="IMAGE", nargs="+")
     pr.add_argument("--json", action="store_true", help="also print the result as one JSON line")
+    add_device_arg(pr)
     return p
 
 
@@ -172,11 +175,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (CifarlabError, OSError) as e:  # OSError: disk full, permissions... one line too
         if debug:
             raise
-        print(f"cifarlab: error: {reason(e, 2000)}", file=sys.stderr)
+        print(f"cifarlab: {_rank()}error: {reason(e, 2000)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
-        print(f"cifarlab: interrupted{': ' + str(e) if str(e) else ''}", file=sys.stderr)
+        print(f"cifarlab: {_rank()}interrupted{': ' + str(e) if str(e) else ''}", file=sys.stderr)
         return 130
+
+
+def _rank() -> str:
+    """'rank N ' under torchrun (whose ranks all print), else ''."""
+    return (
+        f"rank {os.environ.get('RANK', '?')} " if os.environ.get("WORLD_SIZE", "1") not in ("", "1") else ""
+    )
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import argparse
 import dataclasses
 import math
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
 ACTIVATIONS = ("elu", "relu", "tanh", "gelu")
 NUMPY_ACTIVATIONS = ("elu", "relu", "tanh")  # the NumPy MLP has no GELU
 NORMS = ("none", "batch", "layer")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # see cifarlab.devices.resolve_precision
 MAX_PARAMETER_BYTES = 4 << 30  # a model over 4 GiB of float32 parameters is refused
 
 C = TypeVar("C", bound="TrainConfig")
@@ -86,6 +88,16 @@ class TrainConfig:
         0, "torch threads (0: $OMP_NUM_THREADS, else all cores)", lo=0, hi=1024, torch_only=True
     )
     log_grad_norms: bool = setting(False, "log each weight's gradient norm per evaluation", torch_only=True)
+    precision: str = setting(
+        "auto",
+        "autocast precision (weights stay fp32); auto: bf16 on CUDA with bf16 and on CPUs with "
+        "native bf16 (AVX512-BF16/AMX), else fp32",
+        choices=PRECISIONS,
+        torch_only=True,
+    )
+    sync_bn: bool = setting(
+        False, "under torchrun: BatchNorm statistics over the global batch, not each rank's", torch_only=True
+    )
 
     def validate(self) -> None:
         """Refuse any value outside its field's choices or range, as a one-line UsageError."""
@@ -236,6 +248,25 @@ def make_config(cls: type[C], base: dict[str, Any], overrides: dict[str, Any]) -
         raise UsageError(f"unknown setting for {cls.__name__}: {e}") from None
     cfg.validate()
     return cfg
+
+
+DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+
+
+def _device(text: str) -> str:
+    if not DEVICE_PATTERN.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"must be auto, cpu, cuda, cuda:N or mps, got {text!r}")
+    return text
+
+
+def add_device_arg(p: argparse.ArgumentParser) -> None:
+    """``--device``: where a torch model runs (checked for existence when the model is built)."""
+    p.add_argument(
+        "--device",
+        type=_device,
+        default="auto",
+        help="auto (CUDA, else Apple MPS, else CPU), cpu, cuda, cuda:N or mps (default: auto)",
+    )
 
 
 def add_data_args(p: argparse.ArgumentParser) -> None:

@@ -420,13 +420,12 @@ class Preprocess:
 _AR = np.arange(32)
 
 
-def random_crop_flip(x: np.ndarray, rng: np.random.Generator, pad: int = 4) -> np.ndarray:
-    """Random crop of each image after reflect-padding by ``pad``, and a random horizontal flip.
-
-    x: uint8 (N, 32, 32, 3) -> uint8 (N, 32, 32, 3). One gather for the whole batch: the
-    padding is never materialised; out-of-range rows/cols are reflected indices instead.
-    """
-    n = x.shape[0]
+def crop_flip_indices(n: int, rng: np.random.Generator, pad: int = 4) -> tuple[np.ndarray, np.ndarray]:
+    """Row and column indices (N, 32) each of a random crop of each image after reflect-padding
+    by ``pad``, and of a random horizontal flip: image i of the result is
+    ``x[i][rows[i][:, None], cols[i][None, :]]``. The padding is never materialised:
+    out-of-range rows/cols are reflected indices instead, so one gather does the whole batch
+    (on the host or on the device)."""
     oy = rng.integers(-pad, pad + 1, size=n)
     ox = rng.integers(-pad, pad + 1, size=n)
     flip = rng.random(n) < 0.5
@@ -436,10 +435,49 @@ def random_crop_flip(x: np.ndarray, rng: np.random.Generator, pad: int = 4) -> n
     rows = np.where(rows > 31, 62 - rows, rows)  # ... and above 31 (reflect, edge not repeated)
     cols = np.abs(cols)
     cols = np.where(cols > 31, 62 - cols, cols)
-    return x[np.arange(n)[:, None, None], rows[:, :, None], cols[:, None, :]]
+    return rows, cols
+
+
+def random_crop_flip(x: np.ndarray, rng: np.random.Generator, pad: int = 4) -> np.ndarray:
+    """Random crop (reflect padding ``pad``) and horizontal flip: uint8 (N, 32, 32, 3) -> same."""
+    rows, cols = crop_flip_indices(x.shape[0], rng, pad)
+    return x[np.arange(x.shape[0])[:, None, None], rows[:, :, None], cols[:, None, :]]
 
 
 # --------------------------------------------------------------------------- batches
+
+
+@dataclass
+class Batch:
+    """Which training images make one step, and how they are cropped and flipped: indices
+    only, so the images can be gathered wherever the dataset lives (host or device).
+
+    idx: int64 (B,) image indices; rows, cols: (B, 32) crop/flip indices, or None (no
+    augmentation); the batch's images are ``x[idx[:, None, None], rows[:, :, None],
+    cols[:, None, :]]``.
+    """
+
+    idx: np.ndarray
+    rows: np.ndarray | None = None
+    cols: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.idx)
+
+    def shard(self, rank: int, world_size: int) -> Batch:
+        """Rank ``rank``'s contiguous 1/world_size of the batch (data-parallel training)."""
+        if world_size == 1:
+            return self
+        n = len(self.idx) // world_size
+        part = slice(rank * n, (rank + 1) * n)
+        aug = (None, None) if self.rows is None else (self.rows[part], self.cols[part])
+        return Batch(self.idx[part], *aug)
+
+    def gather(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """uint8 images (B, 32, 32, 3) and labels (B,) of this batch, from NumPy arrays."""
+        if self.rows is None:
+            return x[self.idx], y[self.idx]
+        return x[self.idx[:, None, None], self.rows[:, :, None], self.cols[:, None, :]], y[self.idx]
 
 
 class Batches:
@@ -466,13 +504,16 @@ class Batches:
             self._perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.x))
         return self._perm[i * self.batch_size : (i + 1) * self.batch_size]
 
+    def plan(self, step: int) -> Batch:
+        """The :class:`Batch` of training step ``step``."""
+        idx = np.sort(self.indices(step))  # sorted gather is cache-friendlier; order is irrelevant
+        if not self.augment:
+            return Batch(idx)
+        return Batch(idx, *crop_flip_indices(len(idx), np.random.default_rng([self.seed, 1, step])))
+
     def batch(self, step: int) -> tuple[np.ndarray, np.ndarray]:
         """uint8 images (B, 32, 32, 3) and int64 labels (B,) of training step ``step``."""
-        idx = np.sort(self.indices(step))  # sorted gather is cache-friendlier; order is irrelevant
-        xb = self.x[idx]
-        if self.augment:
-            xb = random_crop_flip(xb, np.random.default_rng([self.seed, 1, step]))
-        return xb, self.y[idx]
+        return self.plan(step).gather(self.x, self.y)
 
     def epoch_of(self, step: int) -> float:
         return step / self.steps_per_epoch

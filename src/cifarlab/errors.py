@@ -30,6 +30,10 @@ class RunLocked(CifarlabError):
     """Another live process is writing the same run directory."""
 
 
+class DistributedError(CifarlabError):
+    """Another process of a torchrun job stopped, died or could not be reached."""
+
+
 def reason(e: BaseException, limit: int = 300) -> str:
     """An exception's message on one line (for the end of a one-line error)."""
     return " ".join(str(e).split())[:limit] or type(e).__name__

@@ -18,11 +18,13 @@ from cifarlab.errors import CheckpointError, UsageError, reason
 from cifarlab.runs import atomic_write_json, check_writable_dir
 
 
-def load_classifier(path: str | Path) -> tuple[Callable[[np.ndarray], np.ndarray], dict]:
+def load_classifier(
+    path: str | Path, device: str = "auto"
+) -> tuple[Callable[[np.ndarray], np.ndarray], dict]:
     """A function uint8 NHWC images -> logits (N, 10), and the checkpoint's metadata.
 
     The same path for every registered model, torch or NumPy; a NumPy checkpoint never
-    imports torch.
+    imports torch (and runs on the CPU); a torch model runs on ``device``.
     """
     from cifarlab.checkpoints import build_model, load
     from cifarlab.registry import get_model_entry
@@ -34,13 +36,20 @@ def load_classifier(path: str | Path) -> tuple[Callable[[np.ndarray], np.ndarray
     if get_model_entry(ckpt.model).framework == "numpy":
         from cifarlab.numpy_nn.train import features
 
+        if device not in ("auto", "cpu"):
+            raise UsageError(f"--device {device}: {ckpt.model} is a NumPy model; it runs on the CPU")
+
         def logits(x: np.ndarray) -> np.ndarray:
             return model.logits(features(x, prep, model.dtype))
     else:
+        from cifarlab.devices import resolve_device
         from cifarlab.train import logits_in_batches
 
+        dev = resolve_device(device)
+        model.to(dev)
+
         def logits(x: np.ndarray) -> np.ndarray:
-            return logits_in_batches(model, x, prep, 500).numpy()
+            return logits_in_batches(model, x, prep, 500, device=dev).numpy()
 
     try:  # a checkpoint whose arguments build a model of another shape fails here, not later
         shape = logits(np.zeros((2, 32, 32, 3), np.uint8)).shape
@@ -71,7 +80,7 @@ def eval_main(args: argparse.Namespace) -> int:
     target = Path(args.target)
     out = Path(args.out) if args.out else _report_folder(target)
     check_writable_dir(out, "--out")
-    logits_fn, meta = load_classifier(target)
+    logits_fn, meta = load_classifier(target, args.device)
     _, _, x_test, y_test = load_cifar10(args.data_dir, verify=args.verify)
     pred = logits_fn(x_test).argmax(1)
     cm = np.zeros((10, 10), dtype=np.int64)
@@ -132,7 +141,7 @@ def read_images(paths: list[str]) -> np.ndarray:
 
 def predict_main(args: argparse.Namespace) -> int:
     images = read_images(args.images)  # every file is checked before anything is printed
-    logits_fn, _ = load_classifier(args.checkpoint)
+    logits_fn, _ = load_classifier(args.checkpoint, args.device)
     probs = softmax(logits_fn(images).astype(np.float64))
     if not args.json:
         for path, p in zip(args.images, probs):

@@ -12,6 +12,9 @@ read top to bottom:
 * ``main``: what ``cifarlab train MODEL`` runs: flags -> validated config -> data -> learner
   -> run directory (locked) -> ``fit``. Nothing is written before everything is validated.
 
+Under torchrun (``cifarlab.distributed``) every rank runs all of this; rank 0 alone creates,
+writes and locks the run directory, and the ranks agree on when to stop.
+
 No torch import here: ``cifarlab train mlp-numpy`` never loads it.
 """
 
@@ -30,9 +33,18 @@ from typing import Any, Protocol
 import numpy as np
 
 from cifarlab import checkpoints
-from cifarlab.config import TrainConfig, add_config_args, add_data_args, flag, given_flags, make_config
-from cifarlab.data import Batches, Preprocess, dataset_fingerprint, load_cifar10
-from cifarlab.errors import CheckpointError, TrainingDiverged, UsageError, reason
+from cifarlab.config import (
+    TrainConfig,
+    add_config_args,
+    add_data_args,
+    add_device_arg,
+    flag,
+    given_flags,
+    make_config,
+)
+from cifarlab.data import Batch, Batches, Preprocess, dataset_fingerprint, load_cifar10
+from cifarlab.distributed import Dist, any_rank, broadcast_text
+from cifarlab.errors import CheckpointError, CifarlabError, TrainingDiverged, UsageError, reason
 from cifarlab.recipes import Recipe
 from cifarlab.runs import RunDir, atomic_write_json, machine, print_result
 from cifarlab.schedules import lr_at
@@ -40,6 +52,7 @@ from cifarlab.schedules import lr_at
 Data = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
 # settings a --resume may change: they alter neither the weights so far nor the batches
 RESUMABLE_CHANGES = ("max_steps", "eval_freq", "threads")
+STOP_CHECK_STEPS = 8  # under torchrun, the ranks agree on a stop request every this many steps
 
 
 @dataclass
@@ -79,15 +92,18 @@ class Learner(Protocol):
 
     libraries: tuple[str, ...]  # whose versions config.json records
 
-    def step(self, x: np.ndarray, y: np.ndarray, lr: float) -> None:
-        """One optimizer step on uint8 NHWC images ``x`` and labels ``y`` at learning rate
+    def put(self, x: np.ndarray, y: np.ndarray) -> Any:
+        """uint8 NHWC images and their labels, moved where the learner computes (once)."""
+
+    def step(self, data: Any, batch: Batch, lr: float) -> None:
+        """One optimizer step on ``batch`` of ``data`` (from :meth:`put`) at learning rate
         ``lr``, adding to the running loss and correct-count sums (no host sync needed)."""
 
     def take_running(self) -> tuple[float, int]:
-        """The loss sum and correct count since the last call, reset to 0."""
+        """The loss sum and correct count since the last call (over all ranks), reset to 0."""
 
-    def evaluate(self, x: np.ndarray, y: np.ndarray) -> dict[str, float]:
-        """{"loss", "acc"} over all of ``x`` (evaluation mode, no gradients)."""
+    def evaluate(self, data: Any) -> dict[str, float]:
+        """{"loss", "acc"} over all of ``data`` (evaluation mode, no gradients)."""
 
     def step_metrics(self) -> dict[str, Any]:
         """Extra metrics of the step just taken, logged at evaluations (e.g. gradient norms)."""
@@ -100,6 +116,9 @@ class Learner(Protocol):
     def load(self, weights: dict[str, np.ndarray], arrays: dict[str, np.ndarray], plain: dict) -> None: ...
 
     def num_parameters(self) -> int: ...
+
+    def runtime(self) -> dict[str, Any]:
+        """{"device", "precision", "world_size", "backend", ...}: recorded in config.json."""
 
     def threads(self) -> int: ...
 
@@ -137,22 +156,29 @@ def fit(
     state: TrainState | None = None,
     progress: bool = True,
     on_step: Callable[[TrainState], None] | None = None,
+    dist: Dist | None = None,
 ) -> dict[str, Any]:
     """Train from ``state`` (a fresh one, or :func:`restore`'s to resume) to ``cfg.max_steps``,
     evaluating, logging and checkpointing every ``cfg.eval_freq``; returns the summary.
     ``meta`` ({"model", "model_kwargs"}) goes into the checkpoint so eval/predict can rebuild
-    the model; ``on_step`` is called after every step."""
+    the model; ``on_step`` is called after every step. Under torchrun (``dist``) only rank 0
+    writes, and the other ranks return an empty summary."""
     from tqdm import tqdm
 
+    dist = dist or Dist()
+    writer = dist.is_main
     x_train, y_train, x_test, y_test = data
     batches = Batches(x_train, y_train, cfg.batch_size, seed=cfg.seed, augment=cfg.augment)
+    train_data, test_data = learner.put(x_train, y_train), learner.put(x_test, y_test)
     resumed = state is not None
     state = state or TrainState()
-    if resumed:
+    if resumed and writer:
         run.truncate_metrics(state.step)
     first_step, first_train_seconds = state.step, state.train_seconds
 
     def checkpoint() -> None:
+        if not writer:
+            return
         arrays, plain = learner.trainer_state()
         extra = {"state": state.to_json(), "plain": json.dumps(plain)}
         checkpoints.save(run.checkpoint_dir, learner.weights(), meta, prep, arrays, extra)
@@ -175,7 +201,7 @@ def fit(
     def evaluate_log_checkpoint(lr: float) -> None:
         collect_running()
         t_eval = time.perf_counter()
-        ev = learner.evaluate(x_test, y_test)
+        ev = learner.evaluate(test_data)
         state.eval_seconds += time.perf_counter() - t_eval
         state.eval_images += len(x_test)
         record = {
@@ -189,7 +215,8 @@ def fit(
             "lr": lr,
             **(learner.step_metrics() if cfg.log_grad_norms else {}),
         }
-        run.log(record)
+        if writer:
+            run.log(record)
         state.loss_sum, state.correct, state.seen = 0.0, 0, 0
         state.elapsed = time.perf_counter() - t0
         checkpoint()
@@ -201,30 +228,37 @@ def fit(
 
     t0 = time.perf_counter() - state.elapsed
     bar = tqdm(
-        total=cfg.max_steps, initial=first_step, disable=not progress, unit="step", dynamic_ncols=True,
+        total=cfg.max_steps, initial=first_step, disable=not (progress and writer), unit="step", dynamic_ncols=True,
         desc=run.path.name, file=sys.stderr,
     )  # fmt: skip
     t_train = time.perf_counter()
     with _StopRequested() as stop, bar:
         for step in range(first_step, cfg.max_steps):
             lr = lr_at(cfg, step)
-            learner.step(*batches.batch(step), lr)
+            learner.step(train_data, batches.plan(step), lr)
             state.step, state.seen = step + 1, state.seen + cfg.batch_size
             bar.update(1)
             if on_step is not None:
                 on_step(state)
             at_eval = state.step % cfg.eval_freq == 0 or state.step == cfg.max_steps
-            if at_eval or stop.signum is not None:
+            stopping = stop.signum is not None
+            if dist.active:  # every rank must stop at the same step: agree now and then
+                stopping = (
+                    any_rank(stopping, dist) if at_eval or state.step % STOP_CHECK_STEPS == 0 else False
+                )
+            if at_eval or stopping:
                 state.train_seconds += time.perf_counter() - t_train
                 if at_eval:
                     evaluate_log_checkpoint(lr)
-                if stop.signum is not None:
+                if stopping:
                     if not at_eval:
                         collect_running()
                         state.elapsed = time.perf_counter() - t0
                         checkpoint()
                     raise KeyboardInterrupt(f"stopped at step {state.step}; resume with --resume {run.path}")
                 t_train = time.perf_counter()
+    if not writer:
+        return {}
     metrics = run.read_metrics()
     if not metrics:
         raise CheckpointError(f"{run.metrics_path} is missing or empty: the run cannot be summarised")
@@ -268,7 +302,7 @@ def restore(learner: Learner, run: RunDir, meta: dict[str, Any]) -> TrainState:
 
 
 def add_arguments(p: argparse.ArgumentParser, recipe: Recipe) -> None:
-    """The flags of ``cifarlab train <recipe>``: data, run directory, and every setting."""
+    """The flags of ``cifarlab train <recipe>``: data, run directory, device, and every setting."""
     add_data_args(p)
     p.add_argument(
         "--out",
@@ -282,19 +316,37 @@ def add_arguments(p: argparse.ArgumentParser, recipe: Recipe) -> None:
         f"{', '.join(map(flag, RESUMABLE_CHANGES))} may change (a larger --max-steps extends a "
         "finished run, re-stretching the LR schedule over the new total)",
     )
+    if recipe.framework == "torch":
+        add_device_arg(p)
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     add_config_args(p, recipe.defaults(), recipe.presets)
 
 
-def make_learner(recipe: Recipe, cfg: TrainConfig, prep: Preprocess) -> Learner:
-    """The recipe's model, freshly initialised from ``cfg.seed``, with its optimizer."""
+def make_learner(
+    recipe: Recipe, cfg: TrainConfig, prep: Preprocess, device: str = "auto", dist: Dist | None = None
+) -> Learner:
+    """The recipe's model, freshly initialised from ``cfg.seed``, with its optimizer, on
+    ``device``; under torchrun this joins the job."""
     if recipe.framework == "numpy":
         from cifarlab.numpy_nn.train import NumpyLearner
 
         return NumpyLearner.create(recipe.name, cfg, prep)
     from cifarlab.train import TorchLearner
 
-    return TorchLearner.create(recipe.name, cfg, prep)
+    return TorchLearner.create(recipe.name, cfg, prep, device, dist)
+
+
+def check_job(recipe: Recipe, cfg: TrainConfig, dist: Dist) -> None:
+    """What a torchrun job needs: a torch model and a global batch the ranks split evenly."""
+    if not dist.active:
+        return
+    if recipe.framework != "torch":
+        raise UsageError(f"{recipe.name} trains in one process; torchrun is for the torch models")
+    if cfg.batch_size % dist.world_size:
+        raise UsageError(
+            f"--batch-size {cfg.batch_size} is the global batch: it must be divisible by the "
+            f"{dist.world_size} processes of the job"
+        )
 
 
 def resume_config(recipe: Recipe, args: argparse.Namespace, run: RunDir) -> TrainConfig:
@@ -329,74 +381,140 @@ def resume_config(recipe: Recipe, args: argparse.Namespace, run: RunDir) -> Trai
     return cfg
 
 
+def _open_on_main(dist: Dist, open_run: Callable[[], RunDir]) -> RunDir:
+    """Rank 0 runs ``open_run`` (creating or locking the run directory) and tells the other
+    ranks where it is; if it fails, they stop too."""
+    if dist.is_main:
+        try:
+            run = open_run()
+        except BaseException:
+            if dist.active:
+                broadcast_text(None, dist, "waiting for the run directory")
+            raise
+        broadcast_text(str(run.path), dist, "waiting for the run directory")
+        return run
+    path = broadcast_text(None, dist, "waiting for the run directory")
+    if path is None:
+        raise CifarlabError(f"rank {dist.rank}: rank 0 could not start the run (its error says why)")
+    return RunDir(path)
+
+
+def _shutdown(dist: Dist) -> None:
+    if dist.active:
+        from cifarlab import distributed
+
+        distributed.shutdown()
+
+
 def main(recipe: Recipe, args: argparse.Namespace) -> int:
     """``cifarlab train <recipe>``: everything is validated and loaded before the run directory
     is created (or, to resume, changed); then it is locked and trained."""
-    if args.resume is not None:
-        return _resume(recipe, args)
+    dist = Dist.from_env()
+    try:
+        if args.resume is not None:
+            return _resume(recipe, args, dist)
+        return _start(recipe, args, dist)
+    finally:
+        _shutdown(dist)
+
+
+def _start(recipe: Recipe, args: argparse.Namespace, dist: Dist) -> int:
     cfg = recipe.make_config(args.preset, **given_flags(recipe.config, args))
-    if args.out is not None:  # refuse a bad --out before the (slow) data and model
+    check_job(recipe, cfg, dist)
+    if args.out is not None and dist.is_main:  # refuse a bad --out before the (slow) data and model
         RunDir.check_new(args.out)
     data = load_cifar10(args.data_dir, verify=args.verify)
     prep = Preprocess.fit(cfg.preprocess, data[0])
-    learner = make_learner(recipe, cfg, prep)
+    learner = make_learner(recipe, cfg, prep, getattr(args, "device", "cpu"), dist)
     meta = {"model": recipe.name, "model_kwargs": cfg.model_kwargs()}
-    run = RunDir.create(recipe.name, out=args.out)
+
+    def create() -> RunDir:
+        run = RunDir.create(recipe.name, out=args.out)
+        try:
+            run.lock()
+            run.write_config(
+                {
+                    "command": "cifarlab train " + recipe.name,
+                    "preset": args.preset or next(iter(recipe.presets)),
+                    **meta,
+                    "train": dataclasses.asdict(cfg),
+                    "data": dataset_fingerprint(args.data_dir, verified=args.verify),
+                    "parameters": learner.num_parameters(),
+                    "distributed": learner.runtime(),
+                    "machine": machine(learner.threads()),
+                },
+                libraries=learner.libraries,
+            )
+        except BaseException:
+            if run.locked:
+                run.remove_if_unstarted()
+            run.unlock()
+            raise
+        return run
+
+    run = _open_on_main(dist, create)
     try:
-        run.lock()
-        run.write_config(
-            {
-                "command": "cifarlab train " + recipe.name,
-                "preset": args.preset or next(iter(recipe.presets)),
-                **meta,
-                "train": dataclasses.asdict(cfg),
-                "data": dataset_fingerprint(args.data_dir, verified=args.verify),
-                "parameters": learner.num_parameters(),
-                "machine": machine(learner.threads()),
-            },
-            libraries=learner.libraries,
-        )
-        summary = fit(learner, cfg, run, data, meta, prep, progress=args.progress)
+        summary = fit(learner, cfg, run, data, meta, prep, progress=args.progress, dist=dist)
     except BaseException:
         if run.locked:
             run.remove_if_unstarted()  # a failed start leaves nothing behind
         raise
     finally:
         run.unlock()
-    print_result(run, summary)
+    if dist.is_main:
+        print_result(run, summary)
     return 0
 
 
-def _resume(recipe: Recipe, args: argparse.Namespace) -> int:
-    """``--resume RUN``: lock, check config and checkpoint, and only then change anything."""
+def _resume(recipe: Recipe, args: argparse.Namespace, dist: Dist) -> int:
+    """``--resume RUN``: lock, check config and checkpoint, and only then change anything.
+    Under torchrun every rank reads the checkpoint: the run directory must be on a file
+    system they share."""
     if args.out and args.out != args.resume:
         raise UsageError("give either --out or --resume (a resumed run continues in its own directory)")
     run = RunDir.open(args.resume)
-    run.lock()
+    if dist.is_main:
+        run.lock()
     try:
         cfg = resume_config(recipe, args, run)
-        checkpoints.recover(run.checkpoint_dir)
+        check_job(recipe, cfg, dist)
+        if dist.is_main:
+            checkpoints.recover(run.checkpoint_dir)
+        data = load_cifar10(args.data_dir, verify=args.verify)
+        prep = Preprocess.fit(cfg.preprocess, data[0])
+        learner = make_learner(
+            recipe, cfg, prep, getattr(args, "device", "cpu"), dist
+        )  # under torchrun: after rank 0's recover
         if not (run.checkpoint_dir / checkpoints.STATE_FILE).is_file():
             raise CheckpointError(
                 f"{run.path} has no checkpoint to resume (it stopped before its first evaluation); start a new run"
             )
-        data = load_cifar10(args.data_dir, verify=args.verify)
-        prep = Preprocess.fit(cfg.preprocess, data[0])
-        learner = make_learner(recipe, cfg, prep)
         meta = {"model": recipe.name, "model_kwargs": cfg.model_kwargs()}
+        saved = run.read_config()
+        now = learner.runtime()
+        was = saved.get("distributed") or {
+            "precision": now["precision"] if recipe.framework == "numpy" else "fp32"
+        }
+        if was.get("precision") != now["precision"]:
+            raise UsageError(
+                f"{run.path} computed in {was.get('precision')} and would now compute in {now['precision']} "
+                "(--precision auto resolves by device and CPU); resume it where it computes as before"
+            )
         state = restore(learner, run, meta)
         if cfg.max_steps < state.step:
             raise UsageError(f"--max-steps {cfg.max_steps} is below the step the run reached ({state.step})")
         # all checked: now the run may change
-        saved = run.read_config()
-        if dataclasses.asdict(cfg) != saved["train"]:
-            changed = {k: v for k, v in dataclasses.asdict(cfg).items() if saved["train"].get(k) != v}
+        changed = {k: v for k, v in dataclasses.asdict(cfg).items() if saved["train"].get(k) != v}
+        changed.update({k: v for k, v in now.items() if k in was and was[k] != v})  # e.g. device, world_size
+        if changed and dist.is_main:
             saved.setdefault("resumed_with", []).append({"at_step": state.step, **changed})
-            saved["train"] = dataclasses.asdict(cfg)
+            saved["train"], saved["distributed"] = dataclasses.asdict(cfg), now
             atomic_write_json(run.config_path, saved)
-        run.summary_path.unlink(missing_ok=True)  # an extended run is unfinished until it ends again
-        summary = fit(learner, cfg, run, data, meta, prep, state=state, progress=args.progress)
+        if dist.is_main:
+            run.summary_path.unlink(missing_ok=True)  # an extended run is unfinished until it ends again
+        summary = fit(learner, cfg, run, data, meta, prep, state=state, progress=args.progress, dist=dist)
     finally:
         run.unlock()
-    print_result(run, summary)
+    if dist.is_main:
+        print_result(run, summary)
     return 0

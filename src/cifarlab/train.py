@@ -1,10 +1,13 @@
 """The torch side of the one training loop (``cifarlab.loop.fit``): ``TorchLearner``.
 
-Every torch model of ``create_model`` trains through it: one optimizer step is
-``forward -> cross-entropy -> backward -> (clip) -> optimizer step``, with the running loss and
-accuracy kept as tensors so the step loop never waits for a host sync. ``evaluate`` runs the
-whole test set in large no-grad batches. Weights and optimizer state leave as NumPy arrays for
-``cifarlab.checkpoints``.
+Every torch model of ``create_model`` trains through it, on any ``--device``, in any
+``--precision``, in one process or as one rank of a torchrun job. The uint8 dataset is moved
+to the device once (``put``); each step gathers its batch there from a few index arrays
+(``cifarlab.data.Batch``), preprocesses it there, and runs
+``forward -> cross-entropy -> backward -> (clip) -> optimizer step`` with the running loss and
+accuracy kept as device tensors, so the step loop never waits for a host sync. ``evaluate``
+runs the whole test set in large no-grad batches, split between the ranks of a job. Weights
+and optimizer state leave as float32 NumPy arrays for ``cifarlab.checkpoints``.
 """
 
 from __future__ import annotations
@@ -15,8 +18,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from cifarlab import distributed, sync_batchnorm
 from cifarlab.config import TrainConfig
-from cifarlab.data import Preprocess
+from cifarlab.data import Batch, Preprocess
+from cifarlab.devices import autocast, describe, resolve_device, resolve_precision
+from cifarlab.distributed import Dist
 
 
 def make_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -38,9 +44,11 @@ def make_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Opti
     return torch.optim.AdamW(groups, lr=lr)
 
 
-def to_tensor(x: np.ndarray, prep: Preprocess, channels_last: bool = False) -> torch.Tensor:
-    """uint8 NHWC -> float32 NCHW tensor; channels_last keeps the NHWC memory (no copy)."""
-    t = torch.from_numpy(prep.nhwc(x)).permute(0, 3, 1, 2)
+def to_tensor(
+    x: np.ndarray, prep: Preprocess, channels_last: bool = False, device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """uint8 NHWC -> float32 NCHW tensor on ``device``; channels_last keeps the NHWC memory."""
+    t = torch.from_numpy(prep.nhwc(x)).to(device).permute(0, 3, 1, 2)
     return t if channels_last else t.contiguous()
 
 
@@ -51,30 +59,19 @@ def logits_in_batches(
     prep: Preprocess,
     batch_size: int = 1000,
     channels_last: bool = False,
+    device: torch.device | str = "cpu",
+    precision: str = "fp32",
 ) -> torch.Tensor:
-    """The model's logits (N, C) for uint8 NHWC images, in no-grad batches, in whatever mode
-    (train/eval) the model is in."""
-    return torch.cat(
-        [model(to_tensor(x[i : i + batch_size], prep, channels_last)) for i in range(0, len(x), batch_size)]
-    )
-
-
-def evaluate(
-    model: torch.nn.Module,
-    x: np.ndarray,
-    y: np.ndarray,
-    prep: Preprocess,
-    batch_size: int = 1000,
-    channels_last: bool = False,
-) -> dict[str, Any]:
-    """Loss, accuracy and predictions over the whole of ``x``, in evaluation mode."""
-    was_training = model.training
-    model.eval()
-    logits = logits_in_batches(model, x, prep, batch_size, channels_last)
-    model.train(was_training)
-    loss = F.cross_entropy(logits, torch.from_numpy(y)).item()
-    pred = logits.argmax(1).numpy()
-    return {"loss": loss, "acc": float((pred == y).mean()), "pred": pred}
+    """The model's float32 logits (N, C) on the CPU for uint8 NHWC images, in no-grad batches
+    on ``device``, in whatever mode (train/eval) the model is in."""
+    device = torch.device(device)
+    with autocast(device, precision):
+        return torch.cat(
+            [
+                model(to_tensor(x[i : i + batch_size], prep, channels_last, device)).float().cpu()
+                for i in range(0, len(x), batch_size)
+            ]
+        )
 
 
 def grad_norms(model: torch.nn.Module) -> dict[str, float]:
@@ -84,53 +81,148 @@ def grad_norms(model: torch.nn.Module) -> dict[str, float]:
     }
 
 
+class DeviceData:
+    """A dataset on the learner's device: uint8 NHWC images and int64 labels, moved once."""
+
+    def __init__(self, x: np.ndarray, y: np.ndarray, device: torch.device) -> None:
+        self.x = torch.from_numpy(x).to(device)  # no copy on the CPU
+        self.y = torch.from_numpy(y.astype(np.int64, copy=False)).to(device)
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+
 class TorchLearner:
-    """A torch model and its optimizer, driven by ``cifarlab.loop.fit``."""
+    """A torch model and its optimizer on one device, driven by ``cifarlab.loop.fit``; under
+    torchrun, one rank of a data-parallel job (``cifarlab.distributed``)."""
 
     libraries = ("numpy", "torch")
 
-    def __init__(self, model: torch.nn.Module, cfg: TrainConfig, prep: Preprocess) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        cfg: TrainConfig,
+        prep: Preprocess,
+        device: torch.device | None = None,
+        dist: Dist | None = None,
+    ) -> None:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)  # else torch's default: OMP_NUM_THREADS or the cores
-        self.cfg, self.prep = cfg, prep
+        self.cfg, self.prep, self.dist = cfg, prep, dist or Dist()
+        self.device = device or torch.device("cpu")
+        self.precision = resolve_precision(cfg.precision, self.device)
+        self.backend = distributed.init(self.dist, self.device.type) if self.dist.active else None
+        if self.dist.active and cfg.sync_bn:
+            model = sync_batchnorm.convert(model, self.device.type)
+        model = model.to(self.device)
         self.model = model.to(memory_format=torch.channels_last) if cfg.channels_last else model
+        self.net = self.model  # what the training step calls: the model, or its DDP wrapper
+        if self.dist.active:
+            from torch.nn.parallel import DistributedDataParallel
+
+            with distributed.collective("sharing the initial weights"):  # DDP broadcasts rank 0's
+                self.net = DistributedDataParallel(
+                    self.model, device_ids=[self.device] if self.device.type == "cuda" else None
+                )
+            torch.manual_seed(cfg.seed + 7919 * self.dist.rank)  # each rank its own dropout masks
         self.opt = make_optimizer(cfg, self.model)
-        self.loss_sum = torch.zeros((), dtype=torch.float64)
-        self.correct = torch.zeros((), dtype=torch.int64)
+        self.scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
+        self.shift = torch.from_numpy(prep.shift).to(self.device)
+        self.scale = torch.from_numpy(prep.scale).to(self.device)
+        acc = torch.float32 if self.device.type == "mps" else torch.float64  # MPS has no float64
+        self.loss_sum = torch.zeros((), dtype=acc, device=self.device)
+        self.correct = torch.zeros((), dtype=torch.int64, device=self.device)
         self.model.train()
 
     @classmethod
-    def create(cls, name: str, cfg: TrainConfig, prep: Preprocess) -> TorchLearner:
-        """``create_model(name, **cfg.model_kwargs())``, initialised from ``cfg.seed``."""
+    def create(
+        cls, name: str, cfg: TrainConfig, prep: Preprocess, device: str = "auto", dist: Dist | None = None
+    ) -> TorchLearner:
+        """``create_model(name, **cfg.model_kwargs())`` on ``device``, initialised from ``cfg.seed``."""
         from cifarlab.models import create_model
 
+        dist = dist or Dist()
+        dev = resolve_device(device, dist)
         torch.manual_seed(cfg.seed)
-        return cls(create_model(name, **cfg.model_kwargs()), cfg, prep)
+        return cls(create_model(name, **cfg.model_kwargs()), cfg, prep, dev, dist)
 
-    def step(self, x: np.ndarray, y: np.ndarray, lr: float) -> None:
+    def put(self, x: np.ndarray, y: np.ndarray) -> DeviceData:
+        return DeviceData(x, y, self.device)
+
+    def inputs(self, xb: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, 32, 32, 3) on the device -> preprocessed float32 (B, 3, 32, 32) there
+        (the same arithmetic as ``Preprocess.nhwc``)."""
+        x = xb.float()
+        x -= self.shift
+        if self.prep.name != "seed":
+            x *= self.scale
+        x = x.permute(0, 3, 1, 2)
+        return x if self.cfg.channels_last else x.contiguous()
+
+    def step(self, data: DeviceData, batch: Batch, lr: float) -> None:
         for g in self.opt.param_groups:
             g["lr"] = lr
-        target = torch.from_numpy(y)
-        logits = self.model(to_tensor(x, self.prep, self.cfg.channels_last))
-        loss = F.cross_entropy(logits, target, label_smoothing=self.cfg.label_smoothing)
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if self.cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
-        self.opt.step()
+        b = batch.shard(self.dist.rank, self.dist.world_size)
+        idx = torch.from_numpy(b.idx).to(self.device, non_blocking=True)
+        if b.rows is None:
+            xb = data.x[idx]
+        else:
+            rows = torch.from_numpy(b.rows).to(self.device, non_blocking=True)
+            cols = torch.from_numpy(b.cols).to(self.device, non_blocking=True)
+            xb = data.x[idx[:, None, None], rows[:, :, None], cols[:, None, :]]
+        target = data.y[idx]
+        with distributed.collective("training a step"):
+            with autocast(self.device, self.precision):
+                logits = self.net(self.inputs(xb))
+                loss = F.cross_entropy(logits.float(), target, label_smoothing=self.cfg.label_smoothing)
+            self.opt.zero_grad(set_to_none=True)
+            if self.scaler is None:
+                loss.backward()
+            else:
+                self.scaler.scale(loss).backward()
+                self.scaler.unscale_(self.opt)  # clip (and step) the true gradients
+            if self.cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+            if self.scaler is None:
+                self.opt.step()
+            else:
+                self.scaler.step(self.opt)  # skipped when the scaled gradients overflowed
+                self.scaler.update()
         with torch.no_grad():
-            self.loss_sum += loss.detach() * len(y)
+            self.loss_sum += loss.detach() * len(target)
             self.correct += (logits.argmax(1) == target).sum()
 
     def take_running(self) -> tuple[float, int]:
-        out = float(self.loss_sum), int(self.correct)
+        """The running sums since the last call, over all ranks (a host sync: logging time)."""
+        both = torch.stack([self.loss_sum.double(), self.correct.double()]).cpu()
+        distributed.all_reduce_sum(both, self.dist, "summing the training loss")
         self.loss_sum.zero_()
         self.correct.zero_()
-        return out
+        return float(both[0]), int(both[1])
 
-    def evaluate(self, x: np.ndarray, y: np.ndarray) -> dict[str, float]:
-        ev = evaluate(self.model, x, y, self.prep, self.cfg.eval_batch_size, self.cfg.channels_last)
-        return {"loss": ev["loss"], "acc": ev["acc"]}
+    def evaluate(self, data: DeviceData) -> dict[str, float]:
+        """Loss and accuracy over all of ``data`` in evaluation mode. Under torchrun rank r
+        takes evaluation batches r, r + world_size, ...; the per-image losses are summed in
+        image order, so every rank gets exactly the numbers one process would."""
+        n, bs = len(data), self.cfg.eval_batch_size
+        if self.dist.active:
+            with distributed.collective("sharing BatchNorm statistics"):
+                for buf in self.model.buffers():  # each rank's running statistics -> rank 0's
+                    torch.distributed.broadcast(buf, 0)
+        per_image = torch.zeros(2, n, device=self.device)  # loss, correct
+        self.model.eval()
+        with torch.no_grad(), autocast(self.device, self.precision):
+            for k, i in enumerate(range(0, n, bs)):
+                if k % self.dist.world_size != self.dist.rank:
+                    continue
+                logits = self.model(self.inputs(data.x[i : i + bs])).float()
+                target = data.y[i : i + bs]
+                per_image[0, i : i + bs] = F.cross_entropy(logits, target, reduction="none")
+                per_image[1, i : i + bs] = logits.argmax(1) == target
+        self.model.train()
+        per_image = per_image.cpu()
+        distributed.all_reduce_sum(per_image, self.dist, "evaluating")  # other ranks' entries are 0
+        return {"loss": float(per_image[0].double().sum()) / n, "acc": float(per_image[1].sum()) / n}
 
     def step_metrics(self) -> dict[str, Any]:
         return {"grad_norms": grad_norms(self.model)}  # the gradients of the step just taken
@@ -148,7 +240,10 @@ class TorchLearner:
                 else:
                     plain.setdefault(str(pid), {})[k] = v
         arrays["rng.torch"] = torch.get_rng_state().numpy()
-        return arrays, {"param_groups": sd["param_groups"], "plain_state": plain}
+        if self.device.type == "cuda":
+            arrays["rng.cuda"] = torch.cuda.get_rng_state(self.device).numpy()
+        extra = {"scaler": self.scaler.state_dict()} if self.scaler is not None else {}
+        return arrays, {"param_groups": sd["param_groups"], "plain_state": plain, **extra}
 
     def load(self, weights: dict[str, np.ndarray], arrays: dict[str, np.ndarray], plain: dict) -> None:
         self.model.load_state_dict({k: torch.from_numpy(v) for k, v in weights.items()})
@@ -160,10 +255,26 @@ class TorchLearner:
         for pid, st in plain["plain_state"].items():
             state.setdefault(int(pid), {}).update(st)
         self.opt.load_state_dict({"state": state, "param_groups": plain["param_groups"]})
+        if self.scaler is not None and "scaler" in plain:
+            self.scaler.load_state_dict(plain["scaler"])
         torch.set_rng_state(torch.from_numpy(arrays["rng.torch"]))
+        if self.device.type == "cuda" and "rng.cuda" in arrays:
+            torch.cuda.set_rng_state(torch.from_numpy(arrays["rng.cuda"]), self.device)
+        if self.dist.rank > 0:  # rank 0's saved generator, moved on by the rank
+            torch.manual_seed(int(torch.randint(2**62, ())) + self.dist.rank)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.model.parameters())
+
+    def runtime(self) -> dict[str, Any]:
+        """Where and how this run computes, for config.json."""
+        return {
+            "device": describe(self.device),
+            "precision": self.precision,
+            "world_size": self.dist.world_size,
+            "backend": self.backend,
+            "sync_bn": bool(self.cfg.sync_bn and self.dist.active),
+        }
 
     def threads(self) -> int:
         return torch.get_num_threads()

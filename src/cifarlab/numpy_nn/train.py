@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from cifarlab.config import TrainConfig
-from cifarlab.data import Preprocess
+from cifarlab.data import Batch, Preprocess
 from cifarlab.numpy_nn.mlp import MLP
 from cifarlab.numpy_nn.modules import SoftmaxCrossEntropy
 from cifarlab.numpy_nn.optim import SGD, Adam, Optimizer
@@ -62,8 +62,12 @@ class NumpyLearner:
 
         return cls(create_model(name, seed=cfg.seed, **cfg.model_kwargs()), cfg, prep)
 
+    def put(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return x, y  # NumPy computes where the arrays already are
+
     @np.errstate(over="ignore", invalid="ignore")  # a diverging run is caught by the loop, in one line
-    def step(self, x: np.ndarray, y: np.ndarray, lr: float) -> None:
+    def step(self, data: tuple[np.ndarray, np.ndarray], batch: Batch, lr: float) -> None:
+        x, y = batch.gather(*data)
         self.opt.lr = lr
         logits = self.model.logits(features(x, self.prep, self.model.dtype))
         loss = self.ce.forward(logits, y)
@@ -78,8 +82,8 @@ class NumpyLearner:
         return out
 
     @np.errstate(over="ignore", invalid="ignore")
-    def evaluate(self, x: np.ndarray, y: np.ndarray) -> dict[str, float]:
-        return evaluate(self.model, x, y, self.prep, self.cfg.eval_batch_size)
+    def evaluate(self, data: tuple[np.ndarray, np.ndarray]) -> dict[str, float]:
+        return evaluate(self.model, *data, self.prep, self.cfg.eval_batch_size)
 
     def step_metrics(self) -> dict[str, Any]:
         return {
@@ -98,6 +102,14 @@ class NumpyLearner:
 
     def num_parameters(self) -> int:
         return self.model.num_parameters()
+
+    def runtime(self) -> dict[str, Any]:
+        return {
+            "device": "cpu",
+            "precision": np.dtype(self.model.dtype).name,
+            "world_size": 1,
+            "backend": None,
+        }
 
     def threads(self) -> int:
         import os

@@ -21,8 +21,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from cifarlab.config import ArgumentParser, add_data_args, flag, given_flags
+from cifarlab.config import ArgumentParser, add_data_args, add_device_arg, flag, given_flags
 from cifarlab.errors import UsageError
+from cifarlab.recipes import RECIPES
 from cifarlab.runs import RunDir, atomic_write_bytes, check_writable_dir
 
 
@@ -52,6 +53,7 @@ def add_sweep_args(p: argparse.ArgumentParser, name: str, seeds: int = 3) -> Non
         metavar="FLAGS",
         help="more flags for every run, e.g. --extra='--batch-size 64'",
     )
+    add_device_arg(p)
     add_data_args(p)
 
 
@@ -142,6 +144,8 @@ def run_jobs(jobs: list[Job], args: argparse.Namespace) -> dict[str, RunDir]:
         if plan[job.name] == "done":
             return None  # the same run, finished in an earlier invocation
         where = ["--resume", str(out)] if plan[job.name] == "resume" else ["--out", str(out)]
+        if RECIPES[job.argv[0]].framework == "torch":  # device: where it runs, not what it computes
+            where += ["--device", args.device]
         cmd = [sys.executable, "-m", "cifarlab", "train", *job.argv, *extra, *where]
         r = subprocess.run(cmd, capture_output=True, text=True, env=env)
         with open(root / f"{job.name}.log", "a") as log:  # a resumed job adds to its log
