@@ -250,19 +250,27 @@ def _wait_for_metrics(job: subprocess.Popen, run: Path) -> None:
         time.sleep(0.2)
 
 
-@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs /proc to find the ranks")
-def test_a_dead_rank_ends_the_job_with_a_clear_error(synthetic, tmp_path):
-    run = tmp_path / "run"
-    job = _start_job(synthetic[0], run, 10**6)
+def _interrupted_job(root: Path, run: Path, interrupt) -> tuple[int, str, float]:
+    """Start a long job, call ``interrupt(job)`` once it has evaluated, and wait for it to end:
+    (exit status, stderr, seconds from the interruption to the end)."""
+    job = _start_job(root, run, 10**6)
     try:
         _wait_for_metrics(job, run)
-        os.kill(_worker_pids(job.pid)[1], signal.SIGKILL)
+        interrupt(job)
         t0 = time.monotonic()
         _, err = job.communicate(timeout=90)
     finally:
         job.kill()
-    assert time.monotonic() - t0 < 90
-    assert job.returncode != 0
+    return job.returncode, err, time.monotonic() - t0
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs /proc to find the ranks")
+def test_a_dead_rank_ends_the_job_with_a_clear_error(synthetic, tmp_path):
+    run = tmp_path / "run"
+    code, err, seconds = _interrupted_job(
+        synthetic[0], run, lambda job: os.kill(_worker_pids(job.pid)[1], signal.SIGKILL)
+    )
+    assert seconds < 90 and code != 0
     assert "rank 1" in err.lower() or "local_rank: 1" in err  # torchrun names the rank that died
     assert (run / "checkpoint" / checkpoints.MODEL_FILE).is_file()  # the last evaluation's checkpoint is kept
 
@@ -270,14 +278,10 @@ def test_a_dead_rank_ends_the_job_with_a_clear_error(synthetic, tmp_path):
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs /proc to find the ranks")
 def test_sigterm_checkpoints_once_and_resume_under_torchrun(synthetic, tmp_path):
     run = tmp_path / "run"
-    job = _start_job(synthetic[0], run, 10**6)
-    try:
-        _wait_for_metrics(job, run)
-        job.send_signal(signal.SIGTERM)  # what a scheduler sends the launcher
-        _, err = job.communicate(timeout=90)
-    finally:
-        job.kill()
-    assert job.returncode != 0
+    code, err, _ = _interrupted_job(
+        synthetic[0], run, lambda job: job.send_signal(signal.SIGTERM)
+    )  # a scheduler's
+    assert code != 0
     assert err.count("stopped at step") == 2  # every rank stopped at the same step, cleanly
     state = json.loads(checkpoints.load_state(run / "checkpoint")[1]["state"])
     assert state["step"] > 0 and not (run / "summary.json").exists()

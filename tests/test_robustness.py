@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from safetensors.numpy import save_file
 
@@ -81,6 +82,11 @@ def tiny_run(synthetic, tmp_path):
         ("efficientnet_lite0", ["--image-size", "8"], "--image-size must be in [32, 512]"),
         ("efficientnet_lite0", ["--image-size", "100000"], "--image-size must be in [32, 512]"),
         ("convnet", ["--preset", "fastest"], "invalid choice: 'fastest'"),
+        ("mlp", ["--device", "gpu"], "--device: must be auto, cpu, cuda, cuda:N or mps, got 'gpu'"),
+        ("mlp", ["--device", "cuda:x"], "--device: must be auto, cpu, cuda, cuda:N or mps"),
+        ("mlp", ["--precision", "fp8"], "invalid choice: 'fp8'"),
+        ("mlp-numpy", ["--device", "cpu"], "unrecognized arguments: --device"),
+        ("mlp-numpy", ["--precision", "bf16"], "unrecognized arguments: --precision"),
     ],
 )
 def test_bad_flag_is_refused_before_anything_is_written(
@@ -405,6 +411,17 @@ def test_bad_images(tiny_run, tmp_path, capsys, monkeypatch):
     fails(["predict", str(tiny_run), str(good)], capsys, "over the 1,000-pixel limit")
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # PIL's own guard, for other formats
     fails(["predict", str(tiny_run), str(good)], capsys, "decompression bomb")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without CUDA")
+def test_eval_and_predict_on_a_missing_device(tiny_run, tmp_path, capsys):
+    img = tmp_path / "a.png"
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(img)
+    before = snapshot(tiny_run)
+    fails(["eval", str(tiny_run), "--device", "cuda"], capsys, "--device cuda: no CUDA device is available")
+    fails(["predict", str(tiny_run), str(img), "--device", "cuda:0"], capsys, "no CUDA device")
+    fails(["predict", str(tiny_run), str(img), "--device", "tpu"], capsys, "--device: must be auto")
+    assert snapshot(tiny_run) == before
 
 
 def test_predict_json_prints_only_json(tiny_run, tmp_path, capsys):
