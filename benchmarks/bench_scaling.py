@@ -67,7 +67,11 @@ def worker(args: argparse.Namespace) -> None:
     learner.evaluate(test)
     ev = time.perf_counter() - t0
     if dist.is_main:
-        print(json.dumps({"train_img_s": args.steps * cfg.batch_size / train, "eval_img_s": args.eval_images / ev}))
+        print(
+            json.dumps(
+                {"train_img_s": args.steps * cfg.batch_size / train, "eval_img_s": args.eval_images / ev}
+            )
+        )
     if dist.active:
         distributed.shutdown()
 
@@ -78,7 +82,14 @@ def launch(args: argparse.Namespace, nproc: int, threads: int, batch: int) -> di
     if nproc == 1:
         cmd = [sys.executable, *me]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *me]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={nproc}",
+            *me,
+        ]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
     if r.returncode:
@@ -105,7 +116,10 @@ def main(argv: list[str] | None = None) -> None:
             for name, (nproc, threads) in CONFIGS.items():
                 results[name].append(launch(args, nproc, threads, batch))
         med = {
-            n: (statistics.median(r["train_img_s"] for r in rs), statistics.median(r["eval_img_s"] for r in rs))
+            n: (
+                statistics.median(r["train_img_s"] for r in rs),
+                statistics.median(r["eval_img_s"] for r in rs),
+            )
             for n, rs in results.items()
         }
         base = med[next(iter(CONFIGS))]

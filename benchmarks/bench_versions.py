@@ -46,7 +46,9 @@ def main(argv: list[str] | None = None) -> None:
     from cifarlab.runs import machine
 
     m = machine()
-    print(f"CPU: {m['cpu']}, {m['cores']} cores, isa {m.get('isa')}; {args.rounds} alternating launches; medians")
+    print(
+        f"CPU: {m['cpu']}, {m['cores']} cores, isa {m.get('isa')}; {args.rounds} alternating launches; medians"
+    )
     print()
     print("| run | tree | train img/s | eval img/s | wall s |")
     print("|---|---|---:|---:|---:|")
