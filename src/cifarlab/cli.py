@@ -26,6 +26,15 @@ SWEEPS: dict[str, tuple[str, str]] = {
 }
 
 
+# commands that read or run many run directories: module with add_arguments(p) and main(args)
+TOOLS: dict[str, tuple[str, str]] = {
+    "runs": ("cifarlab.runlist", "list run directories: model, preset, steps, accuracy, time, status"),
+    "compare": ("cifarlab.compare", "overlay runs' curves in one PNG and list the settings that differ"),
+    "report": ("cifarlab.report", "the seed's report regenerated from run directories (HTML + Markdown)"),
+    "reproduce": ("cifarlab.reproduce", "run every experiment the report needs, then the report"),
+}
+
+
 def sweeps() -> dict[str, str]:
     """name -> description of every sweep."""
     return {name: description for name, (_, description) in SWEEPS.items()}
@@ -78,6 +87,10 @@ def _build_parser() -> argparse.ArgumentParser:
         )
         sp.add_argument("target", nargs="?", metavar="NAME", help=" | ".join(table))
         sp.add_argument("rest", nargs=argparse.REMAINDER)
+
+    for name, (module, text) in TOOLS.items():
+        tp = sub.add_parser(name, help=text, description=text)
+        importlib.import_module(module).add_arguments(tp)
 
     e = sub.add_parser("eval", help="evaluate a run or checkpoint on the test set")
     e.add_argument("target", metavar="RUN_DIR|CHECKPOINT")
@@ -169,6 +182,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _data_command(args)
         if args.command in ("train", "sweep"):
             return _dispatch(args.command, args)
+        if args.command in TOOLS:
+            return importlib.import_module(TOOLS[args.command][0]).main(args) or 0
         from cifarlab import inference  # eval / predict
 
         return inference.main(args)

@@ -1,0 +1,15 @@
+"""`cifarlab report` (to be written)."""
+
+from __future__ import annotations
+
+import argparse
+
+from cifarlab.errors import UsageError
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    pass
+
+
+def main(args: argparse.Namespace) -> int:
+    raise UsageError("cifarlab report is not written yet")
