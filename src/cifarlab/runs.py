@@ -2,10 +2,14 @@
 
 runs/<model>-<YYYYmmdd-HHMMSS>/    (or --out DIR)
   config.json     every setting, seed, data md5s, versions
-  metrics.jsonl   one JSON line per evaluation
-  summary.json    test_accuracy (final), best_test_accuracy, steps, wall_seconds, ...
+  metrics.jsonl   one JSON record every --log-freq steps and at every evaluation: train loss and
+                  accuracy (means since the previous record), lr; evaluations add test_loss, test_acc
+  summary.json    test_accuracy (final), best_test_accuracy, steps, wall_seconds, ...,
+                  per_class_accuracy and confusion (rows: true class) of the final evaluation
   curves.png      loss and accuracy vs step, train and test
   checkpoint/     weights (safetensors) + trainer state (cifarlab.checkpoints)
+  tensorboard/    the records as TensorBoard event files (with --tensorboard)
+  diverged.json   {"step", "message"} when the loss became NaN/inf (until the run is resumed)
   .lock           the pid of the one process writing it (train / --resume), while it runs
 """
 
@@ -14,15 +18,17 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from cifarlab.errors import CheckpointError, CifarlabError, RunLocked, UsageError
 
-METRIC_KEYS = ("step", "epoch", "train_loss", "train_acc", "test_loss", "test_acc", "seconds")
+TENSORBOARD_SCALARS = ("train_loss", "train_acc", "test_loss", "test_acc", "lr")  # of a metrics record
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -99,6 +105,12 @@ def machine(threads: int | None = None) -> dict[str, Any]:
         "threads": threads,
         **({"isa": isa} if flags else {}),
     }
+
+
+def evaluations(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The metrics records of evaluations (those with test metrics); in run directories older
+    than --log-freq every record is one."""
+    return [m for m in records if "test_acc" in m]
 
 
 def print_result(run: RunDir, summary: dict[str, Any]) -> None:
@@ -236,16 +248,27 @@ class RunDir:
     def checkpoint_dir(self) -> Path:
         return self.path / "checkpoint"
 
+    @property
+    def tensorboard_dir(self) -> Path:
+        return self.path / "tensorboard"
+
+    @property
+    def diverged_path(self) -> Path:
+        return self.path / "diverged.json"
+
     # -- writing ----------------------------------------------------------------------------
     def write_config(self, config: dict[str, Any], libraries: tuple[str, ...] = ("numpy", "torch")) -> None:
         atomic_write_json(self.config_path, {**config, "versions": versions(libraries)})
 
     def remove_if_unstarted(self) -> None:
         """Delete this directory if no training step was checkpointed in it (a failed start
-        leaves nothing behind); only the files a start writes are removed."""
-        if not self.locked or self.checkpoint_dir.exists() or self.metrics_path.exists():
+        leaves nothing behind, not even the records before its first evaluation); only the
+        files a start writes are removed."""
+        if not self.locked or self.checkpoint_dir.exists():
             return
-        self.config_path.unlink(missing_ok=True)
+        for path in (self.config_path, self.metrics_path, self.diverged_path):
+            path.unlink(missing_ok=True)
+        shutil.rmtree(self.tensorboard_dir, ignore_errors=True)
         self.unlock()
         if not self.created:
             return
@@ -255,7 +278,7 @@ class RunDir:
             pass
 
     def log(self, record: dict[str, Any]) -> None:
-        """Append one evaluation record to metrics.jsonl (flushed: a crash keeps what was logged)."""
+        """Append one record to metrics.jsonl (flushed: a crash keeps what was logged)."""
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(record, default=_jsonable) + "\n")
 
@@ -270,7 +293,7 @@ class RunDir:
         from cifarlab.plots import plot_curves
 
         metrics = self.read_metrics()
-        tests = [m["test_acc"] for m in metrics if m.get("test_acc") is not None]
+        tests = [m["test_acc"] for m in evaluations(metrics)]
         summary = {"best_test_accuracy": max(tests) if tests else None, **summary}
         atomic_write_json(self.summary_path, summary)
         if metrics:
@@ -283,6 +306,10 @@ class RunDir:
 
     def read_summary(self) -> dict[str, Any]:
         return _read_json(self.summary_path)
+
+    def evaluations(self) -> list[dict[str, Any]]:
+        """The records of metrics.jsonl that hold test metrics (see :func:`evaluations`)."""
+        return evaluations(self.read_metrics())
 
     def read_metrics(self) -> list[dict[str, Any]]:
         if not self.metrics_path.is_file():
@@ -298,6 +325,48 @@ class RunDir:
                     raise CheckpointError(f"{self.metrics_path}:{i}: damaged (not a metrics record)")
                 out.append(record)
         return out
+
+
+def require_tensorboard() -> None:
+    """Refuse --tensorboard, before anything is written, where the package is not installed."""
+    try:
+        import tensorboard.summary.writer.event_file_writer  # noqa: F401
+    except ImportError:
+        raise UsageError(
+            "--tensorboard needs the tensorboard package: pip install 'cifarlab[tensorboard]'"
+        ) from None
+
+
+class TensorBoardLog:
+    """The scalars of metrics records as TensorBoard event files in ``folder``, written with
+    tensorboard's own writer and protos: neither torch nor TensorFlow is imported, so a NumPy
+    run stays torch-free. Use it as a context manager (its writer thread must be closed)."""
+
+    def __init__(self, folder: Path, first_step: int) -> None:
+        from tensorboard.compat.proto import event_pb2, summary_pb2
+        from tensorboard.summary.writer.event_file_writer import EventFileWriter
+
+        self._event, self._summary = event_pb2, summary_pb2
+        self._writer = EventFileWriter(str(folder))
+        # A resumed run logs again the steps after its checkpoint. A START event at the first
+        # new step tells TensorBoard to drop what earlier sessions logged from that step on.
+        start = event_pb2.SessionLog(status=event_pb2.SessionLog.START)
+        self._writer.add_event(event_pb2.Event(wall_time=time.time(), step=first_step + 1, session_log=start))
+
+    def add(self, record: dict[str, Any]) -> None:
+        values = [
+            self._summary.Summary.Value(tag=key, simple_value=record[key])
+            for key in TENSORBOARD_SCALARS
+            if key in record
+        ]
+        summary = self._summary.Summary(value=values)
+        self._writer.add_event(self._event.Event(wall_time=time.time(), step=record["step"], summary=summary))
+
+    def __enter__(self) -> TensorBoardLog:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._writer.close()  # flushes what is queued
 
 
 def check_writable_dir(path: Path, what: str, error: type[CifarlabError] = UsageError) -> None:

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from cifarlab import distributed, sync_batchnorm
 from cifarlab.config import TrainConfig
-from cifarlab.data import Batch, Preprocess
+from cifarlab.data import CLASSES, Batch, Preprocess
 from cifarlab.devices import autocast, describe, resolve_device, resolve_precision
 from cifarlab.distributed import Dist
 
@@ -200,16 +200,18 @@ class TorchLearner:
         self.correct.zero_()
         return float(both[0]), int(both[1])
 
-    def evaluate(self, data: DeviceData) -> dict[str, float]:
-        """Loss and accuracy over all of ``data`` in evaluation mode. Under torchrun rank r
-        takes evaluation batches r, r + world_size, ...; the per-image losses are summed in
-        image order, so every rank gets exactly the numbers one process would."""
+    def evaluate(self, data: DeviceData) -> dict[str, Any]:
+        """Loss, accuracy and confusion matrix (rows: true class, columns: predicted) over all
+        of ``data`` in evaluation mode. Under torchrun rank r takes evaluation batches r,
+        r + world_size, ...; the per-image losses and predictions are summed over the ranks
+        (other ranks' entries are 0) and the losses then summed in image order, so every rank
+        gets exactly the numbers one process would."""
         n, bs = len(data), self.cfg.eval_batch_size
         if self.dist.active:
             with distributed.collective("sharing BatchNorm statistics"):
                 for buf in self.model.buffers():  # each rank's running statistics -> rank 0's
                     torch.distributed.broadcast(buf, 0)
-        per_image = torch.zeros(2, n, device=self.device)  # loss, correct
+        per_image = torch.zeros(2, n, device=self.device)  # loss, predicted class (exact in float32)
         self.model.eval()
         with torch.no_grad(), autocast(self.device, self.precision):
             for k, i in enumerate(range(0, n, bs)):
@@ -218,11 +220,18 @@ class TorchLearner:
                 logits = self.model(self.inputs(data.x[i : i + bs])).float()
                 target = data.y[i : i + bs]
                 per_image[0, i : i + bs] = F.cross_entropy(logits, target, reduction="none")
-                per_image[1, i : i + bs] = logits.argmax(1) == target
+                per_image[1, i : i + bs] = logits.argmax(1)
         self.model.train()
         per_image = per_image.cpu()
-        distributed.all_reduce_sum(per_image, self.dist, "evaluating")  # other ranks' entries are 0
-        return {"loss": float(per_image[0].double().sum()) / n, "acc": float(per_image[1].sum()) / n}
+        distributed.all_reduce_sum(per_image, self.dist, "evaluating")
+        c = len(CLASSES)
+        pairs = data.y.cpu().numpy() * c + per_image[1].long().numpy()  # true class, predicted class
+        confusion = np.bincount(pairs, minlength=c * c).reshape(c, c)
+        return {
+            "loss": float(per_image[0].double().sum()) / n,
+            "acc": int(np.trace(confusion)) / n,
+            "confusion": confusion,
+        }
 
     def step_metrics(self) -> dict[str, Any]:
         return {"grad_norms": grad_norms(self.model)}  # the gradients of the step just taken

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from cifarlab.config import TrainConfig
-from cifarlab.data import Batch, Preprocess
+from cifarlab.data import CLASSES, Batch, Preprocess
 from cifarlab.numpy_nn.mlp import MLP
 from cifarlab.numpy_nn.modules import SoftmaxCrossEntropy
 from cifarlab.numpy_nn.optim import SGD, Adam, Optimizer
@@ -33,16 +33,18 @@ def features(x: np.ndarray, prep: Preprocess, dtype: np.dtype) -> np.ndarray:
     return prep.nhwc(x).reshape(len(x), -1).astype(dtype, copy=False)
 
 
-def evaluate(model: MLP, x: np.ndarray, y: np.ndarray, prep: Preprocess, batch_size: int) -> dict[str, float]:
-    """Mean loss and accuracy over the whole of ``x``, in batches."""
+def evaluate(model: MLP, x: np.ndarray, y: np.ndarray, prep: Preprocess, batch_size: int) -> dict[str, Any]:
+    """Mean loss, accuracy and the confusion matrix (rows: true class, columns: predicted)
+    over the whole of ``x``, in batches."""
     ce = SoftmaxCrossEntropy()
-    loss_sum, correct = 0.0, 0
+    c = len(CLASSES)
+    loss_sum, confusion = 0.0, np.zeros((c, c), dtype=np.int64)
     for i in range(0, len(x), batch_size):
         logits = model.logits(features(x[i : i + batch_size], prep, model.dtype))
         yb = y[i : i + batch_size]
         loss_sum += ce.forward(logits, yb) * len(yb)
-        correct += int((logits.argmax(1) == yb).sum())
-    return {"loss": loss_sum / len(x), "acc": correct / len(x)}
+        confusion += np.bincount(yb * c + logits.argmax(1), minlength=c * c).reshape(c, c)
+    return {"loss": loss_sum / len(x), "acc": int(np.trace(confusion)) / len(x), "confusion": confusion}
 
 
 class NumpyLearner:
@@ -82,7 +84,7 @@ class NumpyLearner:
         return out
 
     @np.errstate(over="ignore", invalid="ignore")
-    def evaluate(self, data: tuple[np.ndarray, np.ndarray]) -> dict[str, float]:
+    def evaluate(self, data: tuple[np.ndarray, np.ndarray]) -> dict[str, Any]:
         return evaluate(self.model, *data, self.prep, self.cfg.eval_batch_size)
 
     def step_metrics(self) -> dict[str, Any]:

@@ -49,13 +49,10 @@ def init_probe(activation: str, seed: int, x: np.ndarray, y: np.ndarray) -> dict
     }
 
 
-def main(args: argparse.Namespace) -> int:
-    common.set_folders(args, "activations")
-    from cifarlab.data import load_cifar10
-
-    seeds = [42 + s for s in range(args.seeds)]
+def jobs(seeds) -> list[common.Job]:
+    """One run per activation and seed: the same deep MLP, gradient norms logged."""
     hidden = ",".join(map(str, HIDDEN))
-    jobs = [
+    return [
         common.Job(
             f"{a}-seed{s}",
             [
@@ -74,11 +71,19 @@ def main(args: argparse.Namespace) -> int:
                 str(s),
                 "--log-grad-norms",
             ],
-        )
+        )  # fmt: skip
         for a in ACTS
         for s in seeds
     ]
-    runs = common.run_jobs(jobs, args)
+
+
+def main(args: argparse.Namespace) -> int:
+    common.set_folders(args, "activations")
+    from cifarlab.data import load_cifar10
+
+    seeds = [42 + s for s in range(args.seeds)]
+    hidden = ",".join(map(str, HIDDEN))
+    runs = common.run_jobs(jobs(seeds), args)
     x, y = load_cifar10(args.data_dir, verify=args.verify)[:2]
     layers = [f"hidden.{i}.linear.weight" for i in range(len(HIDDEN))] + ["output.weight"]
 
@@ -100,8 +105,8 @@ def main(args: argparse.Namespace) -> int:
         g0 = np.mean([p["grad_norm"] for p in probes], axis=0)
         std0 = np.mean([p["act_std"] for p in probes], axis=0)
         sat0 = np.mean([p["saturated"] for p in probes], axis=0)
-        metrics = [r.read_metrics() for r in rs]
-        g_end = statistics.mean(m[-1]["grad_norms"][layers[0]] for m in metrics)
+        evaluations = [r.evaluations() for r in rs]  # the records with gradient norms
+        g_end = statistics.mean(e[-1]["grad_norms"][layers[0]] for e in evaluations)
         lines.append(
             f"| {a} | {common.mean_std([s['test_accuracy'] for s in sums])} | {common.mean_std([s['best_test_accuracy'] for s in sums])} "
             f"| {g0[0]:.3g} / {g0[-1]:.3g} | {g_end:.3g} | {' → '.join(f'{v:.3g}' for v in std0)} "

@@ -106,7 +106,7 @@ def _plan(job: Job, extra: list[str], out: Path) -> str:
     if not out.exists() or (not run.config_path.is_file() and not any(out.iterdir())):
         return "new"
     saved = run.read_config() if run.config_path.is_file() else {}
-    if saved.get("model") != model or saved.get("train") != settings:
+    if saved.get("model") != model or not same_settings(saved, settings):
         diff = sorted(k for k in settings if saved.get("train", {}).get(k) != settings[k])
         raise UsageError(
             f"{out} holds a run with other settings ({', '.join(diff[:4]) or 'model'} differ); "
@@ -115,8 +115,27 @@ def _plan(job: Job, extra: list[str], out: Path) -> str:
     return "done" if run.summary_path.is_file() else "resume"
 
 
-def run_jobs(jobs: list[Job], args: argparse.Namespace) -> dict[str, RunDir]:
-    """Run every job not yet complete; returns name -> RunDir. Fails listing the runs that failed."""
+def same_settings(config: dict, settings: dict, ignore: frozenset[str] = frozenset()) -> bool:
+    """Does a run's config.json hold ``settings`` (all but those in ``ignore``)? A setting
+    that an older version did not record counts as its default (it had no other value then)."""
+    from cifarlab.recipes import RECIPES
+
+    saved = config.get("train")
+    recipe = RECIPES.get(config.get("model", ""))
+    if not isinstance(saved, dict) or recipe is None or not set(saved) <= set(settings):
+        return False
+    defaults = dataclasses.asdict(recipe.config())
+    return all(saved.get(k, defaults.get(k)) == v for k, v in settings.items() if k not in ignore)
+
+
+def run_jobs(
+    jobs: list[Job],
+    args: argparse.Namespace,
+    on_start: Callable[[str, bool], None] | None = None,
+    on_done: Callable[[str, bool], None] | None = None,
+) -> dict[str, RunDir]:
+    """Run every job not yet complete; returns name -> RunDir. Fails listing the runs that failed.
+    ``on_start``/``on_done`` (name, reused) are called around each job, from worker threads."""
     from tqdm import tqdm
 
     check_sweep_args(args)
@@ -140,9 +159,16 @@ def run_jobs(jobs: list[Job], args: argparse.Namespace) -> dict[str, RunDir]:
     Path(args.results).mkdir(parents=True, exist_ok=True)
 
     def one(job: Job) -> str | None:
+        reused = plan[job.name] == "done"  # the same run, finished in an earlier invocation
+        if on_start is not None:
+            on_start(job.name, reused)
+        failure = None if reused else run_one(job)
+        if on_done is not None:
+            on_done(job.name, reused)
+        return failure
+
+    def run_one(job: Job) -> str | None:
         out = root / job.name
-        if plan[job.name] == "done":
-            return None  # the same run, finished in an earlier invocation
         where = ["--resume", str(out)] if plan[job.name] == "resume" else ["--out", str(out)]
         if RECIPES[job.argv[0]].framework == "torch":  # device: where it runs, not what it computes
             where += ["--device", args.device]
@@ -204,9 +230,9 @@ def publish(args: argparse.Namespace, name: str, lines: list[str], figures: list
 def mean_curve(
     runs: list[RunDir], key: str | Callable[[dict], float] = "test_acc"
 ) -> tuple[list[int], list[float]]:
-    """Step-wise mean of ``key`` (a metrics key, or a function of a record) over runs that
-    share their evaluation steps."""
+    """Step-wise mean of ``key`` (a metrics key, or a function of an evaluation record) over
+    the evaluations of runs that share their evaluation steps."""
     value = key if callable(key) else (lambda m: m[key])
-    curves = [[(m["step"], value(m)) for m in r.read_metrics()] for r in runs]
+    curves = [[(m["step"], value(m)) for m in r.evaluations()] for r in runs]
     steps = [s for s, _ in curves[0]]
     return steps, [statistics.mean(c[i][1] for c in curves) for i in range(len(steps))]

@@ -40,38 +40,27 @@ def batch_stat_accuracy(run, x_test: np.ndarray, y_test: np.ndarray, batch_size:
     return float((logits.argmax(1).numpy() == y_test[:n]).mean())
 
 
+def jobs(seeds) -> list[common.Job]:
+    """One run per norm, batch size and seed; every run sees IMAGES training images, with the
+    learning rate scaled by sqrt(B / 200)."""
+    out = []
+    for norm in NORMS:
+        for b in BATCHES:
+            steps = IMAGES // b
+            for s in seeds:
+                argv = ["mlp", "--norm", norm, "--dnn-hidden-units", "500,300", "--optimizer", "adam",
+                        "--learning-rate", f"{1e-3 * math.sqrt(b / 200):.3g}", "--batch-size", str(b),
+                        "--max-steps", str(steps), "--eval-freq", str(max(1, steps // 10)), "--seed", str(s)]  # fmt: skip
+                out.append(common.Job(f"{norm}-b{b}-seed{s}", argv))
+    return out
+
+
 def main(args: argparse.Namespace) -> int:
     common.set_folders(args, "norms")
     from cifarlab.data import load_cifar10
 
     seeds = [42 + s for s in range(args.seeds)]
-    jobs = []
-    for norm in NORMS:
-        for b in BATCHES:
-            steps = IMAGES // b
-            lr = 1e-3 * math.sqrt(b / 200)
-            for s in seeds:
-                argv = [
-                    "mlp",
-                    "--norm",
-                    norm,
-                    "--dnn-hidden-units",
-                    "500,300",
-                    "--optimizer",
-                    "adam",
-                    "--learning-rate",
-                    f"{lr:.3g}",
-                    "--batch-size",
-                    str(b),
-                    "--max-steps",
-                    str(steps),
-                    "--eval-freq",
-                    str(max(1, steps // 10)),
-                    "--seed",
-                    str(s),
-                ]
-                jobs.append(common.Job(f"{norm}-b{b}-seed{s}", argv))
-    runs = common.run_jobs(jobs, args)
+    runs = common.run_jobs(jobs(seeds), args)
     _, _, x_test, y_test = load_cifar10(args.data_dir, verify=args.verify)
 
     acc = {

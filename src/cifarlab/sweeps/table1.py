@@ -46,32 +46,25 @@ def parse_configs(text: str) -> list[int]:
     return rows
 
 
+def jobs(rows, seeds, bn_first: bool = False) -> list[common.Job]:
+    """The runs of Table 1's ``rows`` (1..7) over ``seeds``, as the seed's code built them."""
+    out = []
+    for i in rows:
+        hidden, opt, lr, steps, _ = CONFIGS[i - 1]
+        for seed in seeds:
+            argv = ["mlp", "--dnn-hidden-units", hidden, "--optimizer", opt, "--learning-rate", str(lr),
+                    "--max-steps", str(steps), "--norm", "batch", "--seed", str(seed)]  # fmt: skip
+            if not bn_first:
+                argv.append("--norm-after-activation")
+            out.append(common.Job(f"config{i}-seed{seed}", argv))
+    return out
+
+
 def main(args: argparse.Namespace) -> int:
     common.set_folders(args, "table1")
     rows = parse_configs(args.configs)
-    jobs = []
-    for i in rows:
-        hidden, opt, lr, steps, _ = CONFIGS[i - 1]
-        for seed in range(args.seeds):
-            argv = [
-                "mlp",
-                "--dnn-hidden-units",
-                hidden,
-                "--optimizer",
-                opt,
-                "--learning-rate",
-                str(lr),
-                "--max-steps",
-                str(steps),
-                "--norm",
-                "batch",
-                "--seed",
-                str(42 + seed),
-            ]
-            if not args.bn_first:
-                argv.append("--norm-after-activation")
-            jobs.append(common.Job(f"config{i}-seed{42 + seed}", argv))
-    runs = common.run_jobs(jobs, args)
+    jobs_ = jobs(rows, [42 + s for s in range(args.seeds)], args.bn_first)
+    runs = common.run_jobs(jobs_, args)
     lines = [
         "# Table 1 — the seed's PyTorch MLP configurations, re-run",
         "",

@@ -1,0 +1,138 @@
+"""``cifarlab report`` and ``cifarlab reproduce``: the study in miniature on the real data, the
+page in a real browser, and what happens with empty folders and damaged runs."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from cifarlab import report
+from cifarlab.cli import main
+from cifarlab.experiments import SECTIONS, catalogue, expected_settings, matches
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _images(page: Path) -> list[str]:
+    return re.findall(r'<img src="([^"]+)"', page.read_text())
+
+
+@pytest.fixture(scope="module")
+def quick_study(real_data_dir, tmp_path_factory) -> Path:
+    """`cifarlab reproduce --budget quick` once, on the real data (the CI's few minutes)."""
+    out = tmp_path_factory.mktemp("study") / "study"
+    assert main(["reproduce", "--budget", "quick", "--out", str(out), "--jobs", "2", "--no-progress",
+                 "--data-dir", str(real_data_dir)]) == 0  # fmt: skip
+    return out
+
+
+@pytest.mark.slow
+def test_quick_study_writes_every_section(quick_study):
+    page, md = quick_study / "report" / "index.html", quick_study / "report" / "REPORT.md"
+    assert page.is_file() and md.is_file()
+    text = md.read_text()
+    for title in SECTIONS.values():
+        assert title in text and title in page.read_text()
+    assert "quick budget" in text
+    assert "**missing**" not in text  # every experiment ran
+    for src in _images(page):
+        assert (page.parent / src).is_file(), src
+    assert len(_images(page)) >= 5
+    # Table 1 has the seed's column, with the seed's numbers beside ours
+    table1 = text.split("### Table 1")[1].split("###")[0]
+    assert "| seed report |" in table1 and "0.4210" in table1 and "0.5550" in table1
+    # every number links to its run directory
+    for line in table1.splitlines()[2:9]:
+        assert re.search(r"\[[^\]]+-seed42\]\(\.\./runs/quick/", line), line
+    assert "**passed**" in text  # the live gradient check
+
+
+@pytest.mark.slow
+def test_reproduce_again_reuses_every_run(quick_study, real_data_dir, capsys):
+    before = {p: p.stat().st_mtime_ns for p in (quick_study / "runs").rglob("summary.json")}
+    assert (
+        main(["reproduce", "--budget", "quick", "--out", str(quick_study), "--data-dir", str(real_data_dir)])
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert out.count("reused") == len(before)
+    assert {p: p.stat().st_mtime_ns for p in (quick_study / "runs").rglob("summary.json")} == before
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (shutil.which("chromium") or shutil.which("chromium-browser")), reason="no Chromium")
+def test_the_page_in_a_real_browser(quick_study, tmp_path):
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    shot = tmp_path / "page.png"
+    page = (quick_study / "report" / "index.html").resolve()
+    r = subprocess.run(
+        [browser, "--headless", "--no-sandbox", "--disable-gpu", "--enable-logging=stderr", "--v=0",
+         f"--screenshot={shot}", "--window-size=1100,2400", page.as_uri()],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert shot.is_file() and shot.stat().st_size > 10_000
+    console = [line for line in r.stderr.splitlines() if "CONSOLE" in line and "ERROR" in line.upper()]
+    assert not console, console
+    assert "Failed to load resource" not in r.stderr
+
+
+def test_report_of_an_empty_folder_is_one_line(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert main(["report", str(tmp_path / "empty"), "--out", str(tmp_path / "rep")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "no run directories" in err
+    assert not (tmp_path / "rep").exists()
+    assert main(["report", str(tmp_path / "nowhere")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_report_refuses_a_folder_of_other_files(tmp_path, capsys):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    assert main(["report", str(REPO / "results"), "--out", str(out)]) == 2
+    assert "holds other files" in capsys.readouterr().err
+    assert (out / "notes.txt").read_text() == "keep me" and len(list(out.iterdir())) == 1
+
+
+def test_report_of_results_with_a_damaged_run(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    shutil.copytree(REPO / "results" / "convnet-seed", runs / "convnet-seed")
+    shutil.copytree(REPO / "results" / "mlp-best", runs / "broken")
+    (runs / "broken" / "summary.json").write_text("{not json")
+    out = tmp_path / "rep"
+    assert main(["report", str(runs), "--out", str(out)]) == 0
+    text = (out / "REPORT.md").read_text()
+    assert "broken" in text and "damaged" in text  # listed as damaged ...
+    summary = json.loads((runs / "convnet-seed" / "summary.json").read_text())
+    assert f"{summary['test_accuracy']:.4f}" in text  # ... and the rest still reported
+    assert (
+        "**missing**" in text and "cifarlab train mlp-numpy --preset seed" in text
+    )  # missing: with its command
+    for src in _images(out / "index.html"):
+        assert (out / src).is_file()
+
+
+def test_every_results_run_is_found_by_its_settings():
+    """results/ holds full-budget runs of the catalogue: each is recognised as its experiment."""
+    found = report.find_runs([REPO / "results"])
+    assert not found.damaged
+    by_name = {r.path.name: r for r in found.runs}
+    for exp in catalogue():
+        if exp.name in by_name:
+            model, settings = expected_settings(exp, "full")
+            assert matches(by_name[exp.name].config, model, settings), exp.name
+    model, settings = expected_settings(next(e for e in catalogue() if e.name == "convnet-seed"), "quick")
+    assert not matches(by_name["convnet-seed"].config, model, settings)  # quick is not full
+
+
+def test_markdown_inline_to_html_escapes():
+    out = report._inline_html("a <b> `x<y>` **bold** [run](../runs/a b)")
+    assert "&lt;b&gt;" in out and "<code>x&lt;y&gt;</code>" in out and "<strong>bold</strong>" in out
+    assert "<a " not in out  # a link with a space is not a link: no broken href
+    assert '<a href="../r">r</a>' in report._inline_html("[r](../r)")
