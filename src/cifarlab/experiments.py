@@ -35,8 +35,13 @@ class Experiment:
 
     def command(self, budget: str, seed: int = FIRST_SEED) -> list[str]:
         """The exact `cifarlab train` arguments of one run."""
-        extra = list(self.quick) if budget == "quick" else []
-        return [*self.argv, "--seed", str(seed), *extra]
+        argv = [*self.argv, "--seed", str(seed)]
+        for flag, value in zip(self.quick[::2], self.quick[1::2]) if budget == "quick" else ():
+            if flag in argv:  # the quick value replaces the full one (a shorter command, same settings)
+                argv[argv.index(flag) + 1] = value
+            else:
+                argv += [flag, value]
+        return argv
 
     def run_seeds(self, budget: str) -> list[int]:
         return [FIRST_SEED + s for s in range(1 if budget == "quick" else self.seeds)]
@@ -57,8 +62,8 @@ SECTIONS = {
 
 # ConvNet and EfficientNet evaluate a subset of the test set in the quick budget: a full
 # evaluation of 10,000 images costs more than the whole quick run of those models.
-_QUICK_CONV = ("--max-steps", "12", "--eval-freq", "6", "--test-images", "500")
-_QUICK_TRANSFER = ("--max-steps", "12", "--eval-freq", "6", "--test-images", "500", "--image-size", "32")
+_QUICK_CONV = ("--max-steps", "4", "--eval-freq", "2", "--test-images", "200", "--batch-size", "32")
+_QUICK_TRANSFER = ("--max-steps", "4", "--eval-freq", "2", "--test-images", "200", "--image-size", "32")
 
 
 def _from_sweep(job_argv: list[str]) -> tuple[str, ...]:
@@ -71,19 +76,20 @@ def catalogue() -> list[Experiment]:
     """Every experiment, in report order."""
     exps = [
         Experiment("mlp-numpy-seed", "part1", "NumPy MLP, seed protocol", ("mlp-numpy", "--preset", "seed"),
-                   seeds=3, quick=("--max-steps", "200", "--eval-freq", "50"), seed_result=0.4813),
+                   seeds=3, quick=("--max-steps", "100", "--eval-freq", "50"), seed_result=0.4813),
     ]  # fmt: skip
     for i, job in enumerate(table1.jobs(range(1, len(table1.CONFIGS) + 1), [FIRST_SEED]), 1):
         hidden, opt, lr, steps, seed_acc = table1.CONFIGS[i - 1]
         exps.append(
             Experiment(f"table1-config{i}", "part2", f"{i}: {hidden} {opt} lr={lr:g} {steps} steps",
-                       _from_sweep(job.argv), seeds=3, quick=("--max-steps", "200"), seed_result=seed_acc)
+                       _from_sweep(job.argv), seeds=3, quick=("--max-steps", "60", "--eval-freq", "30"),
+                       seed_result=seed_acc)
         )  # fmt: skip
     for job in activations.jobs([FIRST_SEED]):
         act = job.argv[job.argv.index("--activation") + 1]
         exps.append(
             Experiment(f"activation-{act}", "part2", act, _from_sweep(job.argv), seeds=3,
-                       quick=("--max-steps", "150", "--eval-freq", "50"))
+                       quick=("--max-steps", "60", "--eval-freq", "30"))
         )  # fmt: skip
     for job in norms.jobs([FIRST_SEED]):
         norm, b = job.name.split("-")[:2]
@@ -97,9 +103,9 @@ def catalogue() -> list[Experiment]:
         Experiment("efficientnet-finetune", "part4b", "EfficientNet-Lite0 from ImageNet, fine-tuned",
                    ("efficientnet_lite0", "--preset", "finetune"), quick=_QUICK_TRANSFER, seed_result=0.82),
         Experiment("mlp-numpy-best", "beyond", "NumPy MLP, best preset", ("mlp-numpy", "--preset", "best"),
-                   quick=("--max-steps", "100", "--eval-freq", "50")),
+                   quick=("--max-steps", "30", "--eval-freq", "15", "--warmup-steps", "5")),
         Experiment("mlp-best", "beyond", "PyTorch MLP, best preset", ("mlp", "--preset", "best"),
-                   quick=("--max-steps", "100", "--eval-freq", "50")),
+                   quick=("--max-steps", "30", "--eval-freq", "15")),
         Experiment("convnet-best", "beyond", "ConvNet, best preset", ("convnet", "--preset", "best"),
                    quick=_QUICK_CONV),
         Experiment("efficientnet-best", "beyond", "EfficientNet-Lite0, best preset",

@@ -76,7 +76,7 @@ def main(args: argparse.Namespace) -> int:
         jobs=args.jobs, seeds=1, out_root=str(runs_root), results=str(report_dir), progress=False,
         max_steps=None, extra="", data_dir=args.data_dir, verify=args.verify, device=args.device,
     )  # fmt: skip
-    progress = _Progress(estimates, enabled=args.progress)
+    progress = _Progress(estimates, args.jobs, enabled=args.progress)
     common.run_jobs(jobs, ns, on_start=progress.start, on_done=progress.done)
     paths = [runs_root]
     page, md, found = report.write_report(paths, report_dir)
@@ -94,10 +94,11 @@ def _duration(seconds: float) -> str:
 
 
 class _Progress:
-    """'experiment k of N: name (ETA ...), all: ETA ...', rescaled by the speed observed so far."""
+    """'[k/N] name: ETA ...; all: ETA ...', the estimates rescaled by the speed the finished
+    runs had (their real time over their estimate), the total divided between parallel jobs."""
 
-    def __init__(self, estimates: dict[str, float], enabled: bool = True) -> None:
-        self.estimates, self.enabled = estimates, enabled
+    def __init__(self, estimates: dict[str, float], jobs: int = 1, enabled: bool = True) -> None:
+        self.estimates, self.jobs, self.enabled = estimates, jobs, enabled
         self.started: dict[str, float] = {}
         self.done_est = self.done_real = 0.0
         self.k = 0
@@ -116,7 +117,7 @@ class _Progress:
             if reused
             else f"ETA {_duration(self.estimates[name] * self.factor())}"
         )
-        print(f"[{self.k}/{len(self.estimates)}] {name}: {what}; all: ETA {_duration(remaining * self.factor())}",
+        print(f"[{self.k}/{len(self.estimates)}] {name}: {what}; all: ETA {_duration(remaining * self.factor() / self.jobs)}",
               flush=True)  # fmt: skip
 
     def done(self, name: str, reused: bool) -> None:

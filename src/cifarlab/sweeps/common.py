@@ -135,6 +135,8 @@ def run_jobs(
     on_done: Callable[[str, bool], None] | None = None,
 ) -> dict[str, RunDir]:
     """Run every job not yet complete; returns name -> RunDir. Fails listing the runs that failed.
+    With ``--jobs 1`` the runs go one after the other in this process; with more, each is a
+    ``cifarlab train`` process and the cores are split between them.
     ``on_start``/``on_done`` (name, reused) are called around each job, from worker threads."""
     from tqdm import tqdm
 
@@ -172,18 +174,51 @@ def run_jobs(
         where = ["--resume", str(out)] if plan[job.name] == "resume" else ["--out", str(out)]
         if RECIPES[job.argv[0]].framework == "torch":  # device: where it runs, not what it computes
             where += ["--device", args.device]
-        cmd = [sys.executable, "-m", "cifarlab", "train", *job.argv, *extra, *where]
-        r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        argv = ["train", *job.argv, *extra, *where]
         with open(root / f"{job.name}.log", "a") as log:  # a resumed job adds to its log
-            log.write(" ".join(cmd) + "\n" + r.stdout + r.stderr)
-        return None if r.returncode == 0 else f"{job.name}: {(r.stderr.strip().splitlines() or ['?'])[-1]}"
+            log.write("cifarlab " + " ".join(argv) + "\n")
+            log.flush()
+            if args.jobs == 1:
+                code, err = _run_here(argv, log)
+            else:
+                r = subprocess.run([sys.executable, "-m", "cifarlab", *argv], stdout=log, stderr=subprocess.PIPE,
+                                   text=True, env=env)  # fmt: skip
+                log.write(r.stderr)
+                code, err = r.returncode, r.stderr
+        return None if code == 0 else f"{job.name}: {(err.strip().splitlines() or ['?'])[-1]}"
 
-    with ThreadPoolExecutor(args.jobs) as pool:
-        bar = tqdm(pool.map(one, jobs), total=len(jobs), desc="runs", unit="run", disable=not args.progress)
+    if args.jobs == 1:  # in this process, one after the other: torch is imported once, not per run
+        bar = tqdm(map(one, jobs), total=len(jobs), desc="runs", unit="run", disable=not args.progress)
         failures = [f for f in bar if f]
+    else:
+        with ThreadPoolExecutor(args.jobs) as pool:
+            bar = tqdm(
+                pool.map(one, jobs), total=len(jobs), desc="runs", unit="run", disable=not args.progress
+            )
+            failures = [f for f in bar if f]
     if failures:
         raise UsageError(f"{len(failures)} run(s) failed (logs in {root}): " + "; ".join(failures))
     return {j.name: RunDir(root / j.name) for j in jobs}
+
+
+def _run_here(argv: list[str], log) -> tuple[int, str]:
+    """`cifarlab *argv` in this process, its output into ``log``: (exit status, its stderr)."""
+    import contextlib
+    import io
+
+    from cifarlab.cli import main
+
+    err = io.StringIO()
+    with contextlib.redirect_stdout(log), contextlib.redirect_stderr(err):
+        try:
+            code = main(argv)
+        except Exception as e:  # a bug in one run must not end the others: it is that run's failure
+            code = 1
+            print(f"cifarlab: error: {type(e).__name__}: {e}", file=sys.stderr)
+    log.write(err.getvalue())
+    if code == 130:  # Ctrl-C reached the run (which checkpointed): stop the sweep too
+        raise KeyboardInterrupt(err.getvalue().strip().splitlines()[-1] if err.getvalue().strip() else "")
+    return code, err.getvalue()
 
 
 def mean_std(values: list[float]) -> str:
