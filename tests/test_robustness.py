@@ -85,6 +85,12 @@ def tiny_run(synthetic, tmp_path):
         ("mlp", ["--device", "gpu"], "--device: must be auto, cpu, cuda, cuda:N or mps, got 'gpu'"),
         ("mlp", ["--device", "cuda:x"], "--device: must be auto, cpu, cuda, cuda:N or mps"),
         ("mlp", ["--precision", "fp8"], "invalid choice: 'fp8'"),
+        ("mlp", ["--val-split", "-1"], "--val-split must be in [0, 25000]"),
+        (
+            "vgg13",
+            ["--weights", "/nonexistent/vgg13-19584684.pth"],
+            "--weights /nonexistent/vgg13-19584684.pth: no such file",
+        ),
         ("mlp-numpy", ["--device", "cpu"], "unrecognized arguments: --device"),
         ("mlp-numpy", ["--precision", "bf16"], "unrecognized arguments: --precision"),
     ],

@@ -86,6 +86,10 @@ class TrainConfig:
     preprocess: str = setting("seed", "input preprocessing", choices=PREPROCESSINGS)
     seed: int = setting(42, "seed of init, batches and augmentation", lo=0, hi=2**32 - 1)
     eval_batch_size: int = setting(1000, "no-grad evaluation batch", lo=1, hi=50_000)
+    val_split: int = setting(
+        0, "hold out N training images (seeded, stratified by class) as a validation set, evaluated with the "
+        "test set; 0: none", lo=0, hi=25_000,
+    )  # fmt: skip
     test_images: int = setting(
         0,
         "evaluate on the first N test images only (0: all 10,000); for quick looks, not results",

@@ -12,14 +12,11 @@ are only unpickled after their md5 matched, and always with a restricted unpickl
 from __future__ import annotations
 
 import hashlib
-import http.client
 import io
 import os
 import pickle
 import shutil
 import tarfile
-import urllib.parse
-import urllib.request
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -250,45 +247,31 @@ def download_cifar10(
     The tarball streams into ``<name>.part``, renamed only after its md5 matched, so an
     interrupted download is never mistaken for a complete one.
     """
-    from tqdm import tqdm
+    from cifarlab.downloads import DownloadFailed, check_url, stream
 
     root = data_root(data_dir)
     url = url or os.environ.get("CIFARLAB_URL") or URL
     md5 = (md5 or os.environ.get("CIFARLAB_TARBALL_MD5") or TARBALL_MD5).lower()
-    if urllib.parse.urlsplit(url).scheme not in ("http", "https") or not urllib.parse.urlsplit(url).netloc:
-        raise DataError(f"unsupported download URL {url!r}: give an http:// or https:// address")
+    try:
+        check_url(url)
+    except ValueError as e:
+        raise DataError(str(e)) from None
     if len(md5) != 32 or any(c not in "0123456789abcdef" for c in md5):
         raise DataError(f"--md5 {md5!r} is not an md5 (32 hexadecimal digits)")
     root.mkdir(parents=True, exist_ok=True)
     tarball = root / TARBALL
     if not (tarball.is_file() and md5_file(tarball) == md5):
         part = tarball.with_name(TARBALL + ".part")
-        h = hashlib.md5()
         try:
-            with urllib.request.urlopen(url, timeout=60) as resp, open(part, "wb") as out:
-                total = int(resp.headers.get("Content-Length") or 0) or None
-                bar = tqdm(
-                    total=total,
-                    unit="B",
-                    unit_scale=True,
-                    disable=not progress,
-                    desc=f"downloading {TARBALL}",
-                )
-                with bar:
-                    while block := resp.read(1 << 20):
-                        out.write(block)
-                        h.update(block)
-                        bar.update(len(block))
-        except (OSError, ValueError, http.client.HTTPException) as e:  # URLError, timeouts, disk full
-            if part.is_file() and part.stat().st_size == 0:
-                part.unlink()
+            got = stream(url, part, "md5", progress, desc=f"downloading {TARBALL}")
+        except DownloadFailed as e:
             raise DataError(
                 f"download of {url} failed ({e}); without network, fetch that file by hand into {root} "
                 f"and run `cifarlab data download --data-dir {root}`"
             ) from None
-        if h.hexdigest() != md5:
+        if got != md5:
             raise DataError(
-                f"{part}: md5 mismatch after download ({h.hexdigest()}, expected {md5}); "
+                f"{part}: md5 mismatch after download ({got}, expected {md5}); "
                 "the download is incomplete or corrupted: run `cifarlab data download` again"
             )
         part.replace(tarball)
@@ -442,6 +425,28 @@ def random_crop_flip(x: np.ndarray, rng: np.random.Generator, pad: int = 4) -> n
     """Random crop (reflect padding ``pad``) and horizontal flip: uint8 (N, 32, 32, 3) -> same."""
     rows, cols = crop_flip_indices(x.shape[0], rng, pad)
     return x[np.arange(x.shape[0])[:, None, None], rows[:, :, None], cols[:, None, :]]
+
+
+# --------------------------------------------------------------------------- validation split
+
+
+def split_validation(
+    x: np.ndarray, y: np.ndarray, n: int, seed: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Hold out ``n`` images of (x, y), stratified: each class gives its share of ``n``
+    (largest remainders round it), drawn with ``default_rng([seed, 2])``. Returns
+    (x_train, y_train, x_val, y_val); both keep the original order."""
+    if not 0 < n < len(y):
+        raise UsageError(f"--val-split {n} must be between 1 and {len(y) - 1} (the training images)")
+    counts = np.bincount(y, minlength=len(CLASSES))
+    exact = n * counts / counts.sum()
+    take = np.floor(exact).astype(int)
+    take[np.argsort(-(exact - take), kind="stable")[: n - take.sum()]] += 1
+    rng = np.random.default_rng([seed, 2])
+    val = np.zeros(len(y), bool)
+    for c, k in enumerate(take):
+        val[rng.permutation(np.flatnonzero(y == c))[:k]] = True
+    return x[~val], y[~val], x[val], y[val]
 
 
 # --------------------------------------------------------------------------- batches

@@ -48,7 +48,15 @@ from cifarlab.config import (
     given_flags,
     make_config,
 )
-from cifarlab.data import CLASSES, Batch, Batches, Preprocess, dataset_fingerprint, load_cifar10
+from cifarlab.data import (
+    CLASSES,
+    Batch,
+    Batches,
+    Preprocess,
+    dataset_fingerprint,
+    load_cifar10,
+    split_validation,
+)
 from cifarlab.distributed import Dist, any_rank, broadcast_text
 from cifarlab.errors import CheckpointError, CifarlabError, TrainingDiverged, UsageError, reason
 from cifarlab.recipes import Recipe
@@ -174,6 +182,7 @@ def fit(
     on_step: Callable[[TrainState], None] | None = None,
     dist: Dist | None = None,
     tensorboard: bool = False,
+    val: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> dict[str, Any]:
     """Train from ``state`` (a fresh one, or :func:`restore`'s to resume) to ``cfg.max_steps``,
     logging every ``cfg.log_steps()`` and evaluating, logging and checkpointing every
@@ -190,6 +199,7 @@ def fit(
         x_test, y_test = x_test[: cfg.test_images], y_test[: cfg.test_images]
     batches = Batches(x_train, y_train, cfg.batch_size, seed=cfg.seed, augment=cfg.augment)
     train_data, test_data = learner.put(x_train, y_train), learner.put(x_test, y_test)
+    val_data = learner.put(*val) if val is not None else None  # held out of x_train by split_data
     resumed = state is not None
     state = state or TrainState()
     if resumed and writer:
@@ -229,8 +239,10 @@ def fit(
     def evaluate() -> dict[str, Any]:
         t_eval = time.perf_counter()
         ev = learner.evaluate(test_data)
+        if val_data is not None:
+            ev["val"] = learner.evaluate(val_data)
         state.eval_seconds += time.perf_counter() - t_eval
-        state.eval_images += len(x_test)
+        state.eval_images += len(x_test) + (len(val[1]) if val is not None else 0)
         return ev
 
     def make_record(lr: float, ev: dict[str, Any] | None) -> dict[str, Any]:
@@ -242,6 +254,8 @@ def fit(
             "train_loss": state.loss_sum / state.seen,
             "train_acc": state.correct / state.seen,
         }
+        if ev is not None and "val" in ev:
+            record |= {"val_loss": ev["val"]["loss"], "val_acc": ev["val"]["acc"]}
         if ev is not None:
             record |= {"test_loss": ev["loss"], "test_acc": ev["acc"]}
         record |= {"seconds": round(time.perf_counter() - t0, 3), "lr": lr}
@@ -315,6 +329,11 @@ def fit(
     summary = {
         "test_accuracy": tests[-1]["test_acc"],
         "test_loss": tests[-1]["test_loss"],
+        **(
+            {"val_accuracy": tests[-1]["val_acc"], "val_loss": tests[-1]["val_loss"]}
+            if val is not None
+            else {}
+        ),
         "steps": cfg.max_steps,
         "epochs": round(batches.epoch_of(cfg.max_steps), 3),
         "wall_seconds": round(time.perf_counter() - t0, 2),
@@ -403,6 +422,16 @@ def make_learner(
     from cifarlab.train import TorchLearner
 
     return TorchLearner.create(recipe.name, cfg, prep, device, dist)
+
+
+def split_data(data: Data, cfg: TrainConfig) -> tuple[Data, tuple[np.ndarray, np.ndarray] | None]:
+    """``--val-split N``: N training images held out (seeded by ``cfg.seed``, stratified), so
+    that settings can be chosen on them and the test set looked at once; else no validation."""
+    if not cfg.val_split:
+        return data, None
+    x_train, y_train, x_test, y_test = data
+    x_tr, y_tr, x_val, y_val = split_validation(x_train, y_train, cfg.val_split, cfg.seed)
+    return (x_tr, y_tr, x_test, y_test), (x_val, y_val)
 
 
 def check_job(recipe: Recipe, cfg: TrainConfig, dist: Dist) -> None:
@@ -494,8 +523,8 @@ def _start(recipe: Recipe, args: argparse.Namespace, dist: Dist) -> int:
     check_job(recipe, cfg, dist)
     if args.out is not None and dist.is_main:  # refuse a bad --out before the (slow) data and model
         RunDir.check_new(args.out)
-    data = load_cifar10(args.data_dir, verify=args.verify)
-    prep = Preprocess.fit(cfg.preprocess, data[0])
+    data, val = split_data(load_cifar10(args.data_dir, verify=args.verify), cfg)
+    prep = Preprocess.fit(cfg.preprocess, data[0])  # on the training images only
     learner = make_learner(recipe, cfg, prep, getattr(args, "device", "cpu"), dist)
     meta = {"model": recipe.name, "model_kwargs": cfg.model_kwargs()}
 
@@ -535,6 +564,7 @@ def _start(recipe: Recipe, args: argparse.Namespace, dist: Dist) -> int:
             progress=args.progress,
             dist=dist,
             tensorboard=args.tensorboard,
+            val=val,
         )
     except BaseException:
         if run.locked:
@@ -561,7 +591,7 @@ def _resume(recipe: Recipe, args: argparse.Namespace, dist: Dist) -> int:
         check_job(recipe, cfg, dist)
         if dist.is_main:
             checkpoints.recover(run.checkpoint_dir)
-        data = load_cifar10(args.data_dir, verify=args.verify)
+        data, val = split_data(load_cifar10(args.data_dir, verify=args.verify), cfg)
         prep = Preprocess.fit(cfg.preprocess, data[0])
         learner = make_learner(
             recipe, cfg, prep, getattr(args, "device", "cpu"), dist
@@ -605,6 +635,7 @@ def _resume(recipe: Recipe, args: argparse.Namespace, dist: Dist) -> int:
             progress=args.progress,
             dist=dist,
             tensorboard=args.tensorboard,
+            val=val,
         )
     finally:
         run.unlock()

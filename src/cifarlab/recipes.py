@@ -92,6 +92,18 @@ class TransferConfig(TrainConfig):
         }
 
 
+@dataclass
+class VGGConfig(TrainConfig):
+    """torchvision's VGG13 from ImageNet with a new last layer (the seed's Part 4b)."""
+
+    pretrained: bool = setting(True, "start from torchvision's ImageNet weights")
+    weights: str = setting("", "the ImageNet .pth file (default: downloaded once into ~/.cache/cifarlab)")
+    dropout: float = setting(0.5, "dropout in the classifier", lo=0, hi=1, hi_open=True)
+
+    def model_kwargs(self) -> dict[str, Any]:
+        return {"pretrained": self.pretrained, "weights": self.weights or None, "dropout": self.dropout}
+
+
 # ----------------------------------------------------------------------------- presets
 
 MLP_NUMPY_BEST = {
@@ -164,6 +176,21 @@ TRANSFER_FINETUNE = {
 }
 
 
+# the seed's protocol: ImageNet VGG13, last layer replaced, Adam 1e-4, batch 32, 5000 steps, 32x32
+VGG_SEED = {
+    "optimizer": "adam",
+    "learning_rate": 1e-4,
+    "batch_size": 32,
+    "max_steps": 5000,
+    "eval_freq": 500,
+    "preprocess": "imagenet",
+    "channels_last": True,
+}
+# not measured (these machines cannot download the weights): the EfficientNet recipe's choices
+VGG_BEST = {**VGG_SEED, "optimizer": "adamw", "weight_decay": 0.01, "schedule": "onecycle",
+            "label_smoothing": 0.1, "augment": True, "batch_size": 64, "max_steps": 4000, "eval_freq": 1000}  # fmt: skip
+
+
 # ----------------------------------------------------------------------------- the table
 
 
@@ -226,6 +253,12 @@ RECIPES: dict[str, Recipe] = {
                 "scratch": {**TRANSFER_FINETUNE, "pretrained": False},
             },
             "transfer learning from ImageNet (EfficientNet-Lite0)",
+        ),
+        Recipe(
+            "vgg13",
+            VGGConfig,
+            {"seed": VGG_SEED, "best": VGG_BEST},
+            "transfer learning from ImageNet as the seed did (torchvision's VGG13 weights)",
         ),
     )
 }

@@ -12,6 +12,7 @@ the trainer or data modules.
 from cifarlab.models.convnet import ConvNet, PreActBlock
 from cifarlab.models.efficientnet import EfficientNetLite
 from cifarlab.models.mlp import MLP
+from cifarlab.models.vgg import VGG
 from cifarlab.registry import (
     ModelEntry,
     create_model,
@@ -25,6 +26,7 @@ __all__ = [
     "MLP",
     "ConvNet",
     "EfficientNetLite",
+    "VGG",
     "ModelEntry",
     "PreActBlock",
     "create_model",
