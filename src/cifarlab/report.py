@@ -73,7 +73,7 @@ def find_runs(paths: list[Path]) -> Found:
     return found
 
 
-def _check_out(out: Path) -> None:
+def check_out(out: Path) -> None:
     """The report folder: new, empty, or an earlier report (whose files are replaced)."""
     from cifarlab.runs import check_writable_dir
 
@@ -191,6 +191,7 @@ class Report:
         self.blocks: list[Block] = []
         self.experiments = catalogue()
         self.budgets_seen: set[str] = set()
+        self._matched: dict[str, tuple[str | None, list[Run]]] = {}
 
     def add(self, kind: str, text: str = "", rows: list[list[str]] | None = None) -> None:
         self.blocks.append(Block(kind, text, rows or []))
@@ -199,7 +200,13 @@ class Report:
         return f"[{path.name}]({Path(os.path.relpath(path.resolve(), self.out.resolve())).as_posix()})"
 
     def runs_of(self, exp) -> tuple[str | None, list[Run]]:
-        """The budget ('full' preferred) and the finished runs of an experiment."""
+        """The budget ('full' preferred) and the finished runs of an experiment (matched once:
+        tables, figures and curves all ask)."""
+        if exp.name not in self._matched:
+            self._matched[exp.name] = self._match(exp)
+        return self._matched[exp.name]
+
+    def _match(self, exp) -> tuple[str | None, list[Run]]:
         from cifarlab.experiments import expected_settings, matches
 
         for budget in ("full", "quick"):
@@ -464,7 +471,7 @@ def write_report(paths: list[Path], out: Path) -> tuple[Path, Path, Found]:
     missing = [p for p in paths if not p.exists()]
     if missing:
         raise UsageError(f"{missing[0]} does not exist; give run directories or folders that hold them")
-    _check_out(out)
+    check_out(out)
     found = find_runs(paths)
     if not (found.runs or found.damaged or found.unfinished):
         where = ", ".join(str(p) for p in paths)

@@ -61,7 +61,7 @@ def main(args: argparse.Namespace) -> int:
     out = Path(args.out)
     runs_root = out / "runs" / args.budget
     report_dir = out / "report"
-    report._check_out(report_dir)  # refuse a bad --out before hours of training
+    report.check_out(report_dir)  # refuse a bad --out before hours of training
     jobs, estimates = [], {}
     for exp in catalogue():
         for seed in exp.run_seeds(args.budget):

@@ -22,7 +22,6 @@ from cifarlab.errors import CheckpointError, UsageError
 from cifarlab.runs import RunDir
 
 STATUSES = ("finished", "running", "diverged", "interrupted", "damaged")
-DIVERGED_FILE = "diverged.json"  # {"step": int, "message": str}, written when the loss became NaN/inf
 NOT_RUNS = ("checkpoint", "checkpoint.tmp", "checkpoint.old")  # a run's own folders, never searched
 NONE = "—"
 PARTIAL = "* last evaluation of a run that has not finished"
@@ -90,7 +89,7 @@ def read_run(path: Path) -> Run:
         run.config = _read_config(rundir.config_path)
         run.metrics = _read_metrics(rundir)
         run.summary = _read_optional(rundir.summary_path, _check_summary)
-        run.diverged = _read_optional(path / DIVERGED_FILE, _check_diverged)
+        run.diverged = _read_optional(rundir.diverged_path, _check_diverged)  # {step, message}
     except Damaged as e:
         run.problem = str(e)
     return run
