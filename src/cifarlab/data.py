@@ -403,15 +403,18 @@ class Preprocess:
 _AR = np.arange(32)
 
 
-def crop_flip_indices(n: int, rng: np.random.Generator, pad: int = 4) -> tuple[np.ndarray, np.ndarray]:
+def crop_flip_indices(
+    n: int, rng: np.random.Generator, pad: int = 4, flip: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Row and column indices (N, 32) each of a random crop of each image after reflect-padding
-    by ``pad``, and of a random horizontal flip: image i of the result is
-    ``x[i][rows[i][:, None], cols[i][None, :]]``. The padding is never materialised:
-    out-of-range rows/cols are reflected indices instead, so one gather does the whole batch
-    (on the host or on the device)."""
+    by ``pad``, and of a horizontal flip (random, or where the boolean (N,) ``flip`` says):
+    image i of the result is ``x[i][rows[i][:, None], cols[i][None, :]]``. The padding is never
+    materialised: out-of-range rows/cols are reflected indices instead, so one gather does the
+    whole batch (on the host or on the device)."""
     oy = rng.integers(-pad, pad + 1, size=n)
     ox = rng.integers(-pad, pad + 1, size=n)
-    flip = rng.random(n) < 0.5
+    if flip is None:
+        flip = rng.random(n) < 0.5
     rows = oy[:, None] + _AR  # (N, 32)
     cols = ox[:, None] + np.where(flip[:, None], _AR[::-1], _AR)
     rows = np.abs(rows)  # reflect below 0 ...
@@ -491,14 +494,28 @@ class Batches:
     Epoch ``e`` visits the images in ``default_rng([seed, e]).permutation(n)`` order and
     drops the incomplete last batch; augmentation of step ``s`` draws from
     ``default_rng([seed, 1, s])``. No hidden state, so a resumed run sees the same batches.
+
+    With ``augment``, each image is cropped after reflect-padding by ``crop_pad`` and flipped:
+    at random (``flip="random"``), or (``"alternate"``) at random in the first epoch and then
+    the other way round from one epoch to the next, so every image is seen both ways in any
+    two consecutive epochs (airbench's alternating flip).
     """
 
     def __init__(
-        self, x: np.ndarray, y: np.ndarray, batch_size: int, seed: int = 0, augment: bool = False
+        self,
+        x: np.ndarray,
+        y: np.ndarray,
+        batch_size: int,
+        seed: int = 0,
+        augment: bool = False,
+        crop_pad: int = 4,
+        flip: str = "random",
     ) -> None:
         if not 0 < batch_size <= len(x):
             raise UsageError(f"--batch-size {batch_size} must be between 1 and the {len(x)} training images")
         self.x, self.y, self.batch_size, self.seed, self.augment = x, y, batch_size, seed, augment
+        self.crop_pad, self.flip = crop_pad, flip
+        self.first_flips = np.random.default_rng([seed, 2]).random(len(x)) < 0.5  # for "alternate"
         self.steps_per_epoch = len(x) // batch_size
         self._epoch, self._perm = -1, None
 
@@ -514,7 +531,11 @@ class Batches:
         idx = np.sort(self.indices(step))  # sorted gather is cache-friendlier; order is irrelevant
         if not self.augment:
             return Batch(idx)
-        return Batch(idx, *crop_flip_indices(len(idx), np.random.default_rng([self.seed, 1, step])))
+        flip = None
+        if self.flip == "alternate":
+            flip = self.first_flips[idx] ^ bool((step // self.steps_per_epoch) % 2)
+        rng = np.random.default_rng([self.seed, 1, step])
+        return Batch(idx, *crop_flip_indices(len(idx), rng, self.crop_pad, flip))
 
     def batch(self, step: int) -> tuple[np.ndarray, np.ndarray]:
         """uint8 images (B, 32, 32, 3) and int64 labels (B,) of training step ``step``."""

@@ -29,11 +29,13 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import os
 import signal
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, NoReturn, Protocol
 
 import numpy as np
@@ -71,6 +73,7 @@ from cifarlab.runs import (
 )
 from cifarlab.schedules import lr_at
 
+_IMPORTED = time.perf_counter()
 Data = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
 # settings a --resume may change: they alter neither the weights so far nor the batches
 RESUMABLE_CHANGES = ("max_steps", "eval_freq", "log_freq", "threads")
@@ -91,6 +94,7 @@ class TrainState:
     loss_sum: float = 0.0  # Σ loss × batch size since the last metrics record
     correct: int = 0
     seen: int = 0
+    setup_seconds: float = 0.0  # process start -> first step (data loading, model set-up)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))
@@ -183,12 +187,15 @@ def fit(
     dist: Dist | None = None,
     tensorboard: bool = False,
     val: tuple[np.ndarray, np.ndarray] | None = None,
+    setup_seconds: float = 0.0,
 ) -> dict[str, Any]:
     """Train from ``state`` (a fresh one, or :func:`restore`'s to resume) to ``cfg.max_steps``,
     logging every ``cfg.log_steps()`` and evaluating, logging and checkpointing every
     ``cfg.eval_freq``; returns the summary. ``meta`` ({"model", "model_kwargs"}) goes into the
     checkpoint so eval/predict can rebuild the model; ``on_step`` is called after every step;
-    ``tensorboard`` also writes the records into ``<run>/tensorboard/``. Under torchrun
+    ``tensorboard`` also writes the records into ``<run>/tensorboard/``; ``setup_seconds`` (the
+    time from the process's start to this call) is added to the evaluation times in the
+    summary's ``time_to_accuracy``. Under torchrun
     (``dist``) only rank 0 writes, and the other ranks return an empty summary."""
     from tqdm import tqdm
 
@@ -197,11 +204,13 @@ def fit(
     x_train, y_train, x_test, y_test = data
     if cfg.test_images:  # a quick look: the first N test images (the test set is in random order)
         x_test, y_test = x_test[: cfg.test_images], y_test[: cfg.test_images]
-    batches = Batches(x_train, y_train, cfg.batch_size, seed=cfg.seed, augment=cfg.augment)
+    batches = Batches(
+        x_train, y_train, cfg.batch_size, seed=cfg.seed, augment=cfg.augment, crop_pad=cfg.crop_pad, flip=cfg.flip
+    )
     train_data, test_data = learner.put(x_train, y_train), learner.put(x_test, y_test)
     val_data = learner.put(*val) if val is not None else None  # held out of x_train by split_data
     resumed = state is not None
-    state = state or TrainState()
+    state = state or TrainState(setup_seconds=setup_seconds)
     if resumed and writer:
         run.truncate_metrics(state.step)
     first_step, first_train_seconds = state.step, state.train_seconds
@@ -340,9 +349,34 @@ def fit(
         "images_per_second": round(cfg.max_steps * cfg.batch_size / max(state.train_seconds, 1e-9), 1),
         "eval_images_per_second": round(state.eval_images / max(state.eval_seconds, 1e-9), 1),
         "resumed": resumed,
+        "time_to_accuracy": time_to_accuracy(tests, state.setup_seconds),
         **per_class(last_eval["confusion"]),
     }
     return run.finish(summary, title=f"{meta.get('model', '')} {run.path.name}")
+
+
+ACCURACY_MARKS = (0.90, 0.93, 0.94)
+
+
+def time_to_accuracy(tests: list[dict[str, Any]], setup_seconds: float) -> dict[str, float | None]:
+    """For each mark, the wall seconds from the process's start to the end of the first
+    evaluation whose test accuracy reached it (evaluation time included), or None."""
+    out: dict[str, float | None] = {}
+    for mark in ACCURACY_MARKS:
+        hit = next((r for r in tests if r["test_acc"] >= mark), None)
+        out[f"{mark:.2f}"] = None if hit is None else round(setup_seconds + hit["seconds"], 2)
+    return out
+
+
+def process_age() -> float:
+    """Seconds since this process started (Linux: from /proc; elsewhere since cifarlab.loop
+    was imported, which is before the data and torch are loaded)."""
+    try:
+        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return max(0.0, uptime - int(fields[19]) / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError, AttributeError):
+        return time.perf_counter() - _IMPORTED
 
 
 def per_class(confusion: np.ndarray) -> dict[str, Any]:
@@ -411,17 +445,23 @@ def add_arguments(p: argparse.ArgumentParser, recipe: Recipe) -> None:
 
 
 def make_learner(
-    recipe: Recipe, cfg: TrainConfig, prep: Preprocess, device: str = "auto", dist: Dist | None = None
+    recipe: Recipe,
+    cfg: TrainConfig,
+    prep: Preprocess,
+    device: str = "auto",
+    dist: Dist | None = None,
+    x_train: np.ndarray | None = None,
 ) -> Learner:
-    """The recipe's model, freshly initialised from ``cfg.seed``, with its optimizer, on
-    ``device``; under torchrun this joins the job."""
+    """The recipe's model, freshly initialised from ``cfg.seed`` (and, for a model that sets
+    itself up from data, ``x_train``), with its optimizer, on ``device``; under torchrun this
+    joins the job."""
     if recipe.framework == "numpy":
         from cifarlab.numpy_nn.train import NumpyLearner
 
         return NumpyLearner.create(recipe.name, cfg, prep)
     from cifarlab.train import TorchLearner
 
-    return TorchLearner.create(recipe.name, cfg, prep, device, dist)
+    return TorchLearner.create(recipe.name, cfg, prep, device, dist, x_train)
 
 
 def split_data(data: Data, cfg: TrainConfig) -> tuple[Data, tuple[np.ndarray, np.ndarray] | None]:
@@ -525,7 +565,7 @@ def _start(recipe: Recipe, args: argparse.Namespace, dist: Dist) -> int:
         RunDir.check_new(args.out)
     data, val = split_data(load_cifar10(args.data_dir, verify=args.verify), cfg)
     prep = Preprocess.fit(cfg.preprocess, data[0])  # on the training images only
-    learner = make_learner(recipe, cfg, prep, getattr(args, "device", "cpu"), dist)
+    learner = make_learner(recipe, cfg, prep, getattr(args, "device", "cpu"), dist, x_train=data[0])
     meta = {"model": recipe.name, "model_kwargs": cfg.model_kwargs()}
 
     def create() -> RunDir:
@@ -565,6 +605,7 @@ def _start(recipe: Recipe, args: argparse.Namespace, dist: Dist) -> int:
             dist=dist,
             tensorboard=args.tensorboard,
             val=val,
+            setup_seconds=process_age(),
         )
     except BaseException:
         if run.locked:

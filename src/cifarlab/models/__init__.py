@@ -11,6 +11,7 @@ the trainer or data modules.
 # The model modules are imported for their @register_model side effects.
 from cifarlab.models.convnet import ConvNet, PreActBlock
 from cifarlab.models.efficientnet import EfficientNetLite
+from cifarlab.models.fast import FastNet
 from cifarlab.models.mlp import MLP
 from cifarlab.models.vgg import VGG
 from cifarlab.registry import (
@@ -26,6 +27,7 @@ __all__ = [
     "MLP",
     "ConvNet",
     "EfficientNetLite",
+    "FastNet",
     "VGG",
     "ModelEntry",
     "PreActBlock",

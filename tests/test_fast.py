@@ -1,0 +1,129 @@
+"""The `fast` recipe: its network (whitening, Dirac init, frozen BN scales, test-time augmentation),
+the trainer features it uses (per-parameter learning-rate factors, alternating flips, crop
+padding) and time_to_accuracy in the summary."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from cifarlab.cli import main
+from cifarlab.config import TrainConfig
+from cifarlab.data import Batches, crop_flip_indices
+from cifarlab.loop import process_age, time_to_accuracy
+from cifarlab.models import create_model
+from cifarlab.models.fast import BIAS_LR_SCALE, ConvGroup, FastNet
+from cifarlab.train import make_optimizer
+
+
+def test_whitening_decorrelates_the_patches():
+    """After init_from_data, the first 12 channels of the whitening conv have (nearly) identity
+    covariance over the images it was fitted on, and the other 12 are their negatives."""
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(200, 3, 32, 32, generator=g)
+    x = base + 0.8 * torch.roll(base, 1, dims=-1) + 0.5 * base[:, :1]  # correlated in space and colour
+    model = FastNet(widths=(8, 8, 8))
+    model.init_from_data(x)
+    w = model.whiten.weight
+    torch.testing.assert_close(w[12:], -w[:12])
+    out = torch.nn.functional.conv2d(x, w[:12]).permute(0, 2, 3, 1).reshape(-1, 12).double()
+    cov = torch.cov(out.T)
+    torch.testing.assert_close(cov, torch.eye(12, dtype=torch.float64), atol=0.02, rtol=0)
+    assert not model.whiten.weight.requires_grad
+
+
+def test_dirac_init_passes_the_input_through():
+    group = ConvGroup(4, 8, bn_momentum=0.4)
+    x = torch.randn(2, 4, 6, 6)
+    out = torch.nn.functional.conv2d(x, group.conv1.weight, padding=1)
+    torch.testing.assert_close(out[:, :4], x)  # the first cin outputs are the input
+
+
+def test_batchnorm_scales_are_frozen_and_biases_get_the_64x_rate():
+    model = create_model("fast", widths=(8, 16, 16))
+    bn_weights = [p for n, p in model.named_parameters() if ".norm" in n and n.endswith("weight")]
+    assert bn_weights and not any(p.requires_grad for p in bn_weights)
+    cfg = TrainConfig(optimizer="momentum", learning_rate=0.5, weight_decay=1e-3)
+    opt = make_optimizer(cfg, model)
+    scaled = [g for g in opt.param_groups if g["lr_scale"] == BIAS_LR_SCALE]
+    biases = {id(p) for n, p in model.named_parameters() if ".norm" in n and n.endswith("bias")}
+    assert len(scaled) == 1 and {id(p) for p in scaled[0]["params"]} == biases
+    assert scaled[0]["weight_decay"] == 0.0
+    assert not any(p is model.whiten.weight for g in opt.param_groups for p in g["params"])  # frozen
+    assert sum(len(g["params"]) for g in opt.param_groups) == sum(p.requires_grad for p in model.parameters())
+
+
+def test_tta_averages_the_views():
+    torch.manual_seed(0)
+    model = FastNet(widths=(8, 8, 8), tta=2)
+    model.init_from_data(torch.randn(50, 3, 32, 32))
+    model.eval()
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        padded = torch.nn.functional.pad(x, (1, 1, 1, 1), mode="reflect")
+        views = [x, padded[..., :-2, :-2], padded[..., 2:, 2:]]
+        each = [(model.logits(v) + model.logits(v.flip(-1))) / 2 for v in views]
+        want = each[0] / 2 + (each[1] + each[2]) / 4
+        torch.testing.assert_close(model(x), want)
+        model.tta = 1  # mirror only: the prediction cannot tell an image from its mirror image
+        torch.testing.assert_close(model(x), model(x.flip(-1)))
+        model.tta = 0
+        torch.testing.assert_close(model(x), model.logits(x))
+    model.train()
+    model.tta = 2
+    assert model(x).shape == (3, 10)  # training: one view
+
+
+def test_alternating_flip_flips_every_image_the_other_way_each_epoch():
+    n, bs = 40, 8
+    x = np.zeros((n, 32, 32, 3), np.uint8)
+    x[..., 0] = np.arange(32)[None, None, :]  # the column index, to see flips
+    b = Batches(x, np.zeros(n, np.int64), bs, seed=3, augment=True, crop_pad=0, flip="alternate")
+    per_epoch = []
+    for epoch in range(3):
+        flipped = {}
+        for step in range(epoch * b.steps_per_epoch, (epoch + 1) * b.steps_per_epoch):
+            plan = b.plan(step)
+            for i, cols in zip(plan.idx, plan.cols):
+                flipped[int(i)] = bool(cols[0] == 31)
+        per_epoch.append(flipped)
+    assert set(per_epoch[0]) == set(range(n))
+    assert 0 < sum(per_epoch[0].values()) < n  # the first epoch is random
+    for i in range(n):
+        assert per_epoch[1][i] != per_epoch[0][i] and per_epoch[2][i] == per_epoch[0][i]
+
+
+@pytest.mark.parametrize("pad", [0, 2, 4])
+def test_crop_pad_bounds_the_shift(pad):
+    rows, cols = crop_flip_indices(500, np.random.default_rng(0), pad=pad, flip=np.zeros(500, bool))
+    shifts = rows[:, 0].astype(int) - 0  # reflected: row index of the first output row
+    assert rows.min() >= 0 and rows.max() <= 31 and cols.min() >= 0 and cols.max() <= 31
+    assert np.abs(shifts).max() == pad  # reflect makes -k and k both read row k
+
+
+def test_time_to_accuracy_takes_the_first_evaluation_past_each_mark():
+    tests = [{"test_acc": 0.85, "seconds": 10.0}, {"test_acc": 0.931, "seconds": 20.0}, {"test_acc": 0.92, "seconds": 30.0}]
+    assert time_to_accuracy(tests, 5.0) == {"0.90": 25.0, "0.93": 25.0, "0.94": None}
+
+
+def test_process_age_is_this_process_lifetime():
+    age = process_age()
+    assert 0 < age < 24 * 3600
+
+
+def test_cli_trains_fast_end_to_end(synthetic, tmp_path):
+    out = tmp_path / "run"
+    args = ["train", "fast", "--data-dir", str(synthetic[0]), "--out", str(out), "--no-progress"]
+    args += ["--widths", "8,16,16", "--batch-size", "20", "--max-steps", "10", "--eval-freq", "5", "--learning-rate", "0.1"]
+    assert main(args) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["time_to_accuracy"]) == {"0.90", "0.93", "0.94"}
+    config = json.loads((out / "config.json").read_text())
+    assert config["model"] == "fast" and config["model_kwargs"] == {"widths": [8, 16, 16], "tta": 2}
+    assert config["train"]["flip"] == "alternate" and config["train"]["crop_pad"] == 2
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "test_acc" in r] == [5, 10]
+    assert main(["eval", str(out), "--data-dir", str(synthetic[0])]) == 0  # the checkpoint rebuilds the net
