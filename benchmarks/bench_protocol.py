@@ -102,13 +102,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=500)
     p.add_argument("--rounds", type=int, default=2, help="launches of each (alternating, cifarlab first)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--cifarlab-args", default="", help="extra `cifarlab train` flags, e.g. '--precision bf16'")
+    p.add_argument(
+        "--cifarlab-args", default="", help="extra `cifarlab train` flags, e.g. '--precision bf16'"
+    )
     p.add_argument("--plain", action="store_true", help=argparse.SUPPRESS)  # the plain loop's own process
     args = p.parse_args(argv)
     if args.plain:
         print(plain_loop(args.steps, args.seed))
         return 0
-    print(f"CPU: {cpu_description()}; ConvNet seed protocol, {args.steps} steps + 1 test evaluation", flush=True)
+    print(
+        f"CPU: {cpu_description()}; ConvNet seed protocol, {args.steps} steps + 1 test evaluation", flush=True
+    )
     times: dict[str, list[float]] = {"cifarlab": [], "plain": []}
     for r in range(args.rounds):
         for kind in ("cifarlab", "plain"):

@@ -30,19 +30,28 @@ SEEDS = (42, 43, 44)
 JOBS: list[tuple[str, list[str]]] = [
     # the NumPy MLP's best preset re-checked on validation (CPU jobs: they start first, as the longest)
     *[
-        (f"val-mlp-numpy-lr{lr}", ["mlp-numpy", "--preset", "best", "--val-split", "5000", "--learning-rate", lr])
+        (
+            f"val-mlp-numpy-lr{lr}",
+            ["mlp-numpy", "--preset", "best", "--val-split", "5000", "--learning-rate", lr],
+        )
         for lr in ("5e-4", "1e-3", "2e-3")
     ],
     # issue 13: the fast recipe over seeds (fp32 like the CPU; bf16 is the GPU's own default)
     *[(f"fast-s{s}", ["fast", "--seed", str(s), *GPU]) for s in range(5)],
-    *[(f"fast-bf16-s{s}", ["fast", "--seed", str(s), "--device", DEVICE, "--precision", "bf16"]) for s in range(2)],
+    *[
+        (f"fast-bf16-s{s}", ["fast", "--seed", str(s), "--device", DEVICE, "--precision", "bf16"])
+        for s in range(2)
+    ],
     # issue 12: headline numbers over three seeds, the presets as they are
     *[(f"mlp-best-s{s}", ["mlp", "--preset", "best", "--seed", str(s), *GPU]) for s in SEEDS],
     *[(f"convnet-best-s{s}", ["convnet", "--preset", "best", "--seed", str(s), *GPU]) for s in SEEDS],
     *[(f"efficientnet-finetune-s{s}", ["efficientnet_lite0", "--seed", str(s), *GPU]) for s in SEEDS],
     # transfer in <= 30 CPU minutes: candidates compared on 5000 held-out training images
     *[
-        (f"val-transfer-{name}", ["efficientnet_lite0", "--val-split", "5000", *args, "--eval-freq", "100000", *GPU])
+        (
+            f"val-transfer-{name}",
+            ["efficientnet_lite0", "--val-split", "5000", *args, "--eval-freq", "100000", *GPU],
+        )
         for name, args in [
             ("96px-1600", ["--image-size", "96", "--max-steps", "1600"]),
             ("96px-1600-fz3", ["--image-size", "96", "--max-steps", "1600", "--freeze-stages", "3"]),
@@ -55,13 +64,19 @@ JOBS: list[tuple[str, list[str]]] = [
     ],
     # the fast recipe's length, on validation
     *[
-        (f"val-fast-{steps}-s{s}", ["fast", "--val-split", "5000", "--max-steps", str(steps), "--seed", str(s), *GPU])
+        (
+            f"val-fast-{steps}-s{s}",
+            ["fast", "--val-split", "5000", "--max-steps", str(steps), "--seed", str(s), *GPU],
+        )
         for steps in (384, 475)
         for s in (0, 1)
     ],
     # the best presets re-checked on validation: the preset and its learning rate halved/doubled
     *[
-        (f"val-{model}-lr{lr}", [model, "--preset", "best", "--val-split", "5000", "--learning-rate", lr, *GPU])
+        (
+            f"val-{model}-lr{lr}",
+            [model, "--preset", "best", "--val-split", "5000", "--learning-rate", lr, *GPU],
+        )
         for model, lrs in [("mlp", ("1e-3", "2e-3", "4e-3")), ("convnet", ("1e-3", "2e-3", "4e-3"))]
         for lr in lrs
     ],
@@ -96,16 +111,35 @@ def main() -> int:
     runs.mkdir(parents=True, exist_ok=True)
     logs.mkdir(exist_ok=True)
     prefixes = [s for s in args.only.split(",") if s]
-    todo = [(n, a) for n, a in (JOBS if args.round == 1 else ROUND2) if not prefixes or n.startswith(tuple(prefixes))]
+    todo = [
+        (n, a)
+        for n, a in (JOBS if args.round == 1 else ROUND2)
+        if not prefixes or n.startswith(tuple(prefixes))
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONUNBUFFERED": "1"}
     t0, running, done = time.time(), {}, []
     while todo or running:
         now = time.time() - t0
         while todo and len(running) < args.jobs and now < args.deadline:
             name, a = todo.pop(0)
-            cmd = [sys.executable, "-m", "cifarlab", "train", *a, "--no-progress", "--out", str(runs / name), *args.extra.split()]
+            cmd = [
+                sys.executable,
+                "-m",
+                "cifarlab",
+                "train",
+                *a,
+                "--no-progress",
+                "--out",
+                str(runs / name),
+                *args.extra.split(),
+            ]
             log = open(logs / f"{name}.log", "w")  # noqa: SIM115 (closed when the job ends)
-            running[name] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log, time.time(), a)
+            running[name] = (
+                subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env),
+                log,
+                time.time(),
+                a,
+            )
             print(f"[{now:6.0f}s] start {name}", flush=True)
         for name, (proc, log, started, cmd) in list(running.items()):
             if proc.poll() is None and now > args.deadline + args.grace:
@@ -114,12 +148,17 @@ def main() -> int:
                 log.close()
                 done.append((name, proc.returncode, time.time() - started, cmd))
                 del running[name]
-                print(f"[{now:6.0f}s] end {name} rc={proc.returncode} {time.time() - started:.0f}s", flush=True)
+                print(
+                    f"[{now:6.0f}s] end {name} rc={proc.returncode} {time.time() - started:.0f}s", flush=True
+                )
         if not running and now >= args.deadline:
             break
         time.sleep(0.5)
     skipped = [n for n, _ in todo]
-    rows = ["| job | rc | seconds | test acc | val acc | wall s (summary) | command |", "|---|---:|---:|---:|---:|---:|---|"]
+    rows = [
+        "| job | rc | seconds | test acc | val acc | wall s (summary) | command |",
+        "|---|---:|---:|---:|---:|---:|---|",
+    ]
     for name, rc, secs, cmd in done:
         shutil.rmtree(runs / name / "checkpoint", ignore_errors=True)  # no weights in the results
         s = runs / name / "summary.json"

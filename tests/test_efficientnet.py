@@ -186,7 +186,9 @@ def test_freeze_stages_freezes_the_early_layers_and_their_statistics():
     torch.manual_seed(0)
     model = create_model("efficientnet_lite0", image_size=32, freeze_stages=2).train()
     frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
-    assert frozen and all(n.startswith(("_conv_stem.", "_bn0.", "_blocks.0.", "_blocks.1.", "_blocks.2.")) for n in frozen)
+    assert frozen and all(
+        n.startswith(("_conv_stem.", "_bn0.", "_blocks.0.", "_blocks.1.", "_blocks.2.")) for n in frozen
+    )
     assert model._blocks[3]._depthwise_conv.weight.requires_grad  # stage 3 starts at block 3
     assert not model._bn0.training and not model._blocks[2]._bn1.training and model._blocks[3]._bn1.training
     before = {k: v.clone() for k, v in model.state_dict().items() if k.startswith(("_bn0.", "_blocks.1."))}

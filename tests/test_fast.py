@@ -105,7 +105,11 @@ def test_crop_pad_bounds_the_shift(pad):
 
 
 def test_time_to_accuracy_takes_the_first_evaluation_past_each_mark():
-    tests = [{"test_acc": 0.85, "seconds": 10.0}, {"test_acc": 0.931, "seconds": 20.0}, {"test_acc": 0.92, "seconds": 30.0}]
+    tests = [
+        {"test_acc": 0.85, "seconds": 10.0},
+        {"test_acc": 0.931, "seconds": 20.0},
+        {"test_acc": 0.92, "seconds": 30.0},
+    ]
     assert time_to_accuracy(tests, 5.0) == {"0.90": 25.0, "0.93": 25.0, "0.94": None}
 
 
@@ -117,7 +121,18 @@ def test_process_age_is_this_process_lifetime():
 def test_cli_trains_fast_end_to_end(synthetic, tmp_path):
     out = tmp_path / "run"
     args = ["train", "fast", "--data-dir", str(synthetic[0]), "--out", str(out), "--no-progress"]
-    args += ["--widths", "8,16,16", "--batch-size", "20", "--max-steps", "10", "--eval-freq", "5", "--learning-rate", "0.1"]
+    args += [
+        "--widths",
+        "8,16,16",
+        "--batch-size",
+        "20",
+        "--max-steps",
+        "10",
+        "--eval-freq",
+        "5",
+        "--learning-rate",
+        "0.1",
+    ]
     assert main(args) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["time_to_accuracy"]) == {"0.90", "0.93", "0.94"}

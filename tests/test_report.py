@@ -107,7 +107,7 @@ def test_report_refuses_a_folder_of_other_files(tmp_path, capsys):
 def test_report_of_results_with_a_damaged_run(tmp_path, capsys):
     runs = tmp_path / "runs"
     shutil.copytree(REPO / "results" / "convnet-seed", runs / "convnet-seed")
-    shutil.copytree(REPO / "results" / "mlp-best", runs / "broken")
+    shutil.copytree(REPO / "results" / "convnet-best", runs / "broken")
     (runs / "broken" / "summary.json").write_text("{not json")
     out = tmp_path / "rep"
     assert main(["report", str(runs), "--out", str(out)]) == 0

@@ -93,6 +93,13 @@ def tiny_run(synthetic, tmp_path):
         ),
         ("mlp-numpy", ["--device", "cpu"], "unrecognized arguments: --device"),
         ("mlp-numpy", ["--precision", "bf16"], "unrecognized arguments: --precision"),
+        ("fast", ["--tta", "3"], "--tta must be in [0, 2]"),
+        ("fast", ["--widths", "64,0,256"], "--widths must be in [1, 4096]"),
+        ("fast", ["--widths", "64,x"], "expected comma-separated integers"),
+        ("mlp", ["--crop-pad", "17"], "--crop-pad must be in [0, 16]"),
+        ("mlp", ["--flip", "sideways"], "invalid choice: 'sideways'"),
+        ("efficientnet_lite0", ["--freeze-stages", "8"], "--freeze-stages must be in [0, 7]"),
+        ("efficientnet_lite1", ["--image-size", "8"], "--image-size must be in [32, 512]"),
     ],
 )
 def test_bad_flag_is_refused_before_anything_is_written(

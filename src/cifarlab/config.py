@@ -83,7 +83,9 @@ class TrainConfig:
     )
     grad_clip: float = setting(0.0, "clip the gradient norm to this (0: off)", lo=0, torch_only=True)
     augment: bool = setting(False, "random crop (reflect-pad --crop-pad, crop 32x32) + horizontal flip")
-    crop_pad: int = setting(4, "with --augment: pad by this many pixels before the random 32x32 crop", lo=0, hi=16)
+    crop_pad: int = setting(
+        4, "with --augment: pad by this many pixels before the random 32x32 crop", lo=0, hi=16
+    )
     flip: str = setting(
         "random", "with --augment: flip each image at random, or alternate its flip from epoch to epoch",
         choices=("random", "alternate"),
@@ -91,7 +93,10 @@ class TrainConfig:
     preprocess: str = setting("seed", "input preprocessing", choices=PREPROCESSINGS)
     seed: int = setting(42, "seed of init, batches and augmentation", lo=0, hi=2**32 - 1)
     eval_batch_size: int = setting(
-        250, "no-grad evaluation batch (250: 1.5x faster than 1000 for the ConvNet on a 2-core CPU)", lo=1, hi=50_000
+        250,
+        "no-grad evaluation batch (250: 1.5x faster than 1000 for the ConvNet on a 2-core CPU)",
+        lo=1,
+        hi=50_000,
     )
     val_split: int = setting(
         0, "hold out N training images (seeded, stratified by class) as a validation set, evaluated with the "

@@ -110,6 +110,8 @@ def catalogue() -> list[Experiment]:
                    quick=_QUICK_CONV),
         Experiment("efficientnet-best", "beyond", "EfficientNet-Lite0, best preset",
                    ("efficientnet_lite0", "--preset", "best"), quick=_QUICK_TRANSFER),
+        Experiment("fast", "beyond", "the fast recipe (airbench-style), from scratch", ("fast",),
+                   quick=("--max-steps", "2", "--batch-size", "128", "--eval-freq", "2", "--test-images", "200")),
     ]  # fmt: skip
     return exps
 
@@ -127,4 +129,8 @@ def matches(config: dict, model: str, settings: dict) -> bool:
     settings that do not change the numbers (IGNORED) are not compared."""
     from cifarlab.sweeps.common import same_settings
 
+    train = config.get("train")
+    if settings.get("precision") == "auto" and isinstance(train, dict) and train.get("precision") == "fp32":
+        # what auto computes in on a CPU without native bf16: a GPU run forced to fp32 counts
+        config = {**config, "train": {**train, "precision": "auto"}}
     return config.get("model") == model and same_settings(config, settings, IGNORED | {"seed"})

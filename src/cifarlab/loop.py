@@ -205,7 +205,13 @@ def fit(
     if cfg.test_images:  # a quick look: the first N test images (the test set is in random order)
         x_test, y_test = x_test[: cfg.test_images], y_test[: cfg.test_images]
     batches = Batches(
-        x_train, y_train, cfg.batch_size, seed=cfg.seed, augment=cfg.augment, crop_pad=cfg.crop_pad, flip=cfg.flip
+        x_train,
+        y_train,
+        cfg.batch_size,
+        seed=cfg.seed,
+        augment=cfg.augment,
+        crop_pad=cfg.crop_pad,
+        flip=cfg.flip,
     )
     train_data, test_data = learner.put(x_train, y_train), learner.put(x_test, y_test)
     val_data = learner.put(*val) if val is not None else None  # held out of x_train by split_data
@@ -558,7 +564,20 @@ def main(recipe: Recipe, args: argparse.Namespace) -> int:
         _shutdown(dist)
 
 
+_started_before = False  # a sweep or `reproduce` may run several trainings in one process
+
+
+def _command_started() -> float:
+    """perf_counter() at which this training's command started: the process's start for the
+    first training of a process, the call itself for the next ones."""
+    global _started_before
+    age = 0.0 if _started_before else process_age()
+    _started_before = True
+    return time.perf_counter() - age
+
+
 def _start(recipe: Recipe, args: argparse.Namespace, dist: Dist) -> int:
+    started = _command_started()
     cfg = recipe.make_config(args.preset, **given_flags(recipe.config, args))
     check_job(recipe, cfg, dist)
     if args.out is not None and dist.is_main:  # refuse a bad --out before the (slow) data and model
@@ -605,7 +624,7 @@ def _start(recipe: Recipe, args: argparse.Namespace, dist: Dist) -> int:
             dist=dist,
             tensorboard=args.tensorboard,
             val=val,
-            setup_seconds=process_age(),
+            setup_seconds=time.perf_counter() - started,
         )
     except BaseException:
         if run.locked:

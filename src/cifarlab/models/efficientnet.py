@@ -183,7 +183,11 @@ class EfficientNetLite(nn.Module):
         self._dropout = nn.Dropout(dropout)
         self._fc = nn.Linear(1280, num_classes)
         if self.freeze_backbone:
-            frozen = [name.rsplit(".", 1)[0] + "." for name, _ in self.named_parameters() if not name.startswith("_fc.")]
+            frozen = [
+                name.rsplit(".", 1)[0] + "."
+                for name, _ in self.named_parameters()
+                if not name.startswith("_fc.")
+            ]
         # frozen: no gradient, BatchNorm statistics kept (the ImageNet ones), and autograd records
         # nothing for the frozen layers, so their backward pass is skipped entirely
         self._frozen = tuple(frozen)
@@ -265,7 +269,9 @@ def _factory(variant: str):  # noqa: ANN202 (a registered model factory)
             load_imagenet_weights(model)
         return model
 
-    make.__doc__ = f"EfficientNet-{variant.title()}, optionally with ImageNet weights (a new head for ``num_classes``)."
+    make.__doc__ = (
+        f"EfficientNet-{variant.title()}, optionally with ImageNet weights (a new head for ``num_classes``)."
+    )
     make.__name__ = f"efficientnet_{variant}"
     return make
 

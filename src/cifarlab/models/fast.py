@@ -91,7 +91,11 @@ class FastNet(nn.Module):
     @property
     def lr_scales(self) -> dict[str, float]:
         """Per-parameter learning-rate multipliers, read by the trainer's optimizer."""
-        return {name: BIAS_LR_SCALE for name, _ in self.named_parameters() if ".norm" in name and name.endswith("bias")}
+        return {
+            name: BIAS_LR_SCALE
+            for name, _ in self.named_parameters()
+            if ".norm" in name and name.endswith("bias")
+        }
 
     @torch.no_grad()
     def init_from_data(self, x: torch.Tensor) -> None:
@@ -120,7 +124,7 @@ class FastNet(nn.Module):
         if self.tta == 1:
             return mirrored
         padded = F.pad(x, (1, 1, 1, 1), mode="reflect")
-        shifted = [padded[..., :-2, :-2], padded[..., 2:, 2:]]  # one pixel up-left / down-right
+        shifted = [padded[..., :-2, :-2], padded[..., 2:, 2:]]  # the 32x32 window moved up-left / down-right
         shifted_logits = sum(self.logits(s) + self.logits(s.flip(-1)) for s in shifted) / 4
         return (mirrored + shifted_logits) / 2
 
