@@ -12,11 +12,13 @@ import torch
 
 from cifarlab.cli import main
 from cifarlab.config import TrainConfig
-from cifarlab.data import Batches, crop_flip_indices
+from cifarlab.data import Batches, Preprocess, crop_flip_indices
 from cifarlab.loop import process_age, time_to_accuracy
 from cifarlab.models import create_model
 from cifarlab.models.fast import BIAS_LR_SCALE, ConvGroup, FastNet
-from cifarlab.train import make_optimizer
+from cifarlab.recipes import FastConfig
+from cifarlab.schedules import lookahead_decay
+from cifarlab.train import TorchLearner, make_optimizer
 
 
 def test_whitening_decorrelates_the_patches():
@@ -96,6 +98,16 @@ def test_alternating_flip_flips_every_image_the_other_way_each_epoch():
         assert per_epoch[1][i] != per_epoch[0][i] and per_epoch[2][i] == per_epoch[0][i]
 
 
+def test_first_flips_have_a_stream_of_their_own():
+    """Not the validation split's or epoch 2's stream ([seed, 2]), nor another seed's."""
+    n = 1000
+    x, y = np.zeros((n, 32, 32, 3), np.uint8), np.zeros(n, np.int64)
+    flips = Batches(x, y, 10, seed=5, augment=True, flip="alternate").first_flips
+    assert not np.array_equal(flips, np.random.default_rng([5, 2]).random(n) < 0.5)
+    assert not np.array_equal(flips, Batches(x, y, 10, seed=6, augment=True, flip="alternate").first_flips)
+    assert Batches(x, y, 10, seed=5, augment=True).first_flips is None  # random flips need none
+
+
 @pytest.mark.parametrize("pad", [0, 2, 4])
 def test_crop_pad_bounds_the_shift(pad):
     rows, cols = crop_flip_indices(500, np.random.default_rng(0), pad=pad, flip=np.zeros(500, bool))
@@ -142,3 +154,57 @@ def test_cli_trains_fast_end_to_end(synthetic, tmp_path):
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "test_acc" in r] == [5, 10]
     assert main(["eval", str(out), "--data-dir", str(synthetic[0])]) == 0  # the checkpoint rebuilds the net
+
+
+def _prep() -> Preprocess:
+    return Preprocess.fit("standard", np.arange(2 * 32 * 32 * 3, dtype=np.uint8).reshape(2, 32, 32, 3))
+
+
+def test_lookahead_decay_schedule():
+    cfg = TrainConfig(lookahead=5, max_steps=12)
+    assert [lookahead_decay(cfg, s) for s in (1, 4, 6, 11)] == [None] * 4
+    assert lookahead_decay(cfg, 5) == pytest.approx(0.95**5 * (5 / 12) ** 3)
+    assert lookahead_decay(cfg, 10) == pytest.approx(0.95**5 * (10 / 12) ** 3)
+    assert lookahead_decay(cfg, 12) == 1.0  # the run ends on the slow weights
+    assert lookahead_decay(TrainConfig(lookahead=5, max_steps=10), 10) == pytest.approx(0.95**5)
+    assert lookahead_decay(TrainConfig(lookahead=0, max_steps=10), 10) is None
+
+
+def test_lookahead_moves_the_weights_to_the_slow_average():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    learner = TorchLearner(model, TrainConfig(lookahead=2), _prep())
+    w0 = model[0].weight.detach().clone()
+    learner.lookahead(0.5)  # the first call starts the slow weights here: nothing moves
+    torch.testing.assert_close(model[0].weight, w0)
+    with torch.no_grad():
+        model[0].weight += 1.0
+        model[1].running_mean += 4.0
+    learner.lookahead(0.75)  # slow = 0.75 slow + 0.25 fast, and the fast weights jump there
+    torch.testing.assert_close(model[0].weight, w0 + 0.25)
+    torch.testing.assert_close(model[1].running_mean, torch.ones(2))  # buffers too
+    with torch.no_grad():
+        model[0].weight += 10.0
+    learner.lookahead(1.0)  # back to the slow weights
+    torch.testing.assert_close(model[0].weight, w0 + 0.25)
+
+
+def test_decay_biases_divides_the_decay_by_the_rate_factor():
+    model = create_model("fast", widths=(8, 16, 16))
+    cfg = TrainConfig(optimizer="momentum", learning_rate=0.5, weight_decay=1e-3, decay_biases=True)
+    opt = make_optimizer(cfg, model)
+    assert all(g["weight_decay"] == pytest.approx(1e-3 / g["lr_scale"]) for g in opt.param_groups)
+    assert {g["lr_scale"] for g in opt.param_groups} == {1.0, BIAS_LR_SCALE}
+
+
+def test_interim_evaluations_use_the_cheaper_tta_level(monkeypatch):
+    model = FastNet(widths=(8, 8, 8), tta=2)
+    calls = []
+    real = model.logits
+    monkeypatch.setattr(model, "logits", lambda x: calls.append(len(x)) or real(x))
+    prep = _prep()
+    learner = TorchLearner(model, FastConfig(eval_batch_size=10, interim_tta=0), prep)
+    data = learner.put(np.zeros((10, 32, 32, 3), np.uint8), np.zeros(10, np.int64))
+    learner.evaluate(data, final=False)
+    assert calls == [10] and model.tta == 2  # one view, and the level is restored
+    learner.evaluate(data)
+    assert calls[1:] == [10] * 6  # the final evaluation: all six views

@@ -67,9 +67,10 @@ def _sigterm_at(step):
     return on_step
 
 
-def test_resume_equals_uninterrupted_bitwise(synthetic, tmp_path):
+@pytest.mark.parametrize("lookahead", [0, 3])
+def test_resume_equals_uninterrupted_bitwise(synthetic, tmp_path, lookahead):
     d = load_cifar10(synthetic[0])
-    cfg = _cfg(log_freq=5)  # records at steps 4, 5, 8, 10, 12 (evaluations at 4, 8, 12)
+    cfg = _cfg(log_freq=5, lookahead=lookahead)  # records at steps 4, 5, 8, 10, 12 (evaluations at 4, 8, 12)
     full = RunDir.create("t", out=tmp_path / "full")
     _fit(_tiny_model(), cfg, full, d)
     assert [m["step"] for m in full.read_metrics()] == [4, 5, 8, 10, 12]
@@ -140,6 +141,11 @@ def test_lr_schedules():
     oc = _cfg(max_steps=100, warmup_steps=0, schedule="onecycle", learning_rate=1.0)
     assert lr_at(oc, 24) == pytest.approx(1.0) and lr_at(oc, 0) == pytest.approx(1 / 25)
     assert 0 < lr_at(oc, 99) < 0.02  # no step is spent at rate 0
+    ends = TrainConfig(learning_rate=2.0, max_steps=100, schedule="onecycle", lr_start=0.2, lr_end=0.1)
+    assert lr_at(ends, 0) == pytest.approx(2.0 * (0.2 + 0.8 / 25))
+    assert lr_at(ends, 24) == pytest.approx(2.0)
+    assert lr_at(ends, 99) == pytest.approx(2.0 * (0.1 + 0.9 / 75))
+    assert [lr_at(ends, s) for s in range(25, 100)] == sorted(lr_at(ends, s) for s in range(25, 100))[::-1]
 
 
 def test_train_mlp_cli_end_to_end(synthetic, tmp_path, capsys):

@@ -75,9 +75,23 @@ class TrainConfig:
     )
     optimizer: str = setting("sgd", "optimizer", choices=OPTIMIZERS)
     momentum: float = setting(0.9, "momentum of 'momentum' (Nesterov)", lo=0, hi=1, hi_open=True)
-    weight_decay: float = setting(0.0, "L2 (sgd/adam) or decoupled (adamw); never on biases/norms", lo=0)
+    weight_decay: float = setting(
+        0.0, "L2 (sgd/adam) or decoupled (adamw); not on biases/norms unless --decay-biases", lo=0
+    )
+    decay_biases: bool = setting(
+        False, "weight decay on biases and norm parameters too (divided by their learning-rate factor)",
+        torch_only=True,
+    )  # fmt: skip
     schedule: str = setting("constant", "LR schedule", choices=SCHEDULES)
     warmup_steps: int = setting(0, "linear warm-up steps", lo=0)
+    lr_start: float = setting(0.0, "onecycle: the first step's rate as a fraction of the peak", lo=0, hi=1)
+    lr_end: float = setting(
+        0.0, "onecycle: the rate it falls to at the end, as a fraction of the peak", lo=0, hi=1
+    )
+    lookahead: int = setting(
+        0, "every N steps pull the weights to a slow average of themselves (Lookahead/EMA, rising over the "
+        "run; the final weights are the average); 0: off", lo=0, hi=10**6, torch_only=True,
+    )  # fmt: skip
     label_smoothing: float = setting(
         0.0, "label smoothing of the loss", lo=0, hi=1, hi_open=True, torch_only=True
     )

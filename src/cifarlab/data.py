@@ -498,7 +498,9 @@ class Batches:
     With ``augment``, each image is cropped after reflect-padding by ``crop_pad`` and flipped:
     at random (``flip="random"``), or (``"alternate"``) at random in the first epoch and then
     the other way round from one epoch to the next, so every image is seen both ways in any
-    two consecutive epochs (airbench's alternating flip).
+    two consecutive epochs (airbench's alternating flip); the first epoch's flips draw from
+    ``default_rng([seed, 2, 1])``, a stream of their own (numpy's seeds [a, b] and [a, b, 0]
+    are the same stream, and [seed, 2] is epoch 2's order and the validation split's).
     """
 
     def __init__(
@@ -515,7 +517,9 @@ class Batches:
             raise UsageError(f"--batch-size {batch_size} must be between 1 and the {len(x)} training images")
         self.x, self.y, self.batch_size, self.seed, self.augment = x, y, batch_size, seed, augment
         self.crop_pad, self.flip = crop_pad, flip
-        self.first_flips = np.random.default_rng([seed, 2]).random(len(x)) < 0.5  # for "alternate"
+        self.first_flips = (
+            np.random.default_rng([seed, 2, 1]).random(len(x)) < 0.5 if flip == "alternate" else None
+        )
         self.steps_per_epoch = len(x) // batch_size
         self._epoch, self._perm = -1, None
 

@@ -18,7 +18,7 @@ from cifarlab.sweeps import activations, norms, table1
 BUDGETS = ("quick", "full")
 FIRST_SEED = 42
 # settings that change neither the weights nor the numbers of a run: ignored when matching
-IGNORED = frozenset({"eval_freq", "threads", "log_freq", "eval_batch_size"})
+IGNORED = frozenset({"eval_freq", "threads", "log_freq", "eval_batch_size", "interim_tta"})
 
 
 @dataclass(frozen=True)

@@ -71,7 +71,7 @@ from cifarlab.runs import (
     print_result,
     require_tensorboard,
 )
-from cifarlab.schedules import lr_at
+from cifarlab.schedules import lookahead_decay, lr_at
 
 _IMPORTED = time.perf_counter()
 Data = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
@@ -129,9 +129,13 @@ class Learner(Protocol):
     def take_running(self) -> tuple[float, int]:
         """The loss sum and correct count since the last call (over all ranks), reset to 0."""
 
-    def evaluate(self, data: Any) -> dict[str, Any]:
+    def evaluate(self, data: Any, final: bool = True) -> dict[str, Any]:
         """{"loss", "acc", "confusion"} over all of ``data`` (evaluation mode, no gradients);
-        confusion: (classes, classes) int array of counts, rows true class, columns predicted."""
+        confusion: (classes, classes) int array of counts, rows true class, columns predicted.
+        Evaluations before the ``final`` one may be cheaper (e.g. fewer test-time views)."""
+
+    def lookahead(self, decay: float) -> None:
+        """Pull the weights to a slow average of themselves (torch only: ``--lookahead``)."""
 
     def step_metrics(self) -> dict[str, Any]:
         """Extra metrics of the step just taken, logged at evaluations (e.g. gradient norms)."""
@@ -253,9 +257,10 @@ def fit(
 
     def evaluate() -> dict[str, Any]:
         t_eval = time.perf_counter()
-        ev = learner.evaluate(test_data)
+        final = state.step == cfg.max_steps  # a fast model may evaluate earlier ones more cheaply
+        ev = learner.evaluate(test_data, final=final)
         if val_data is not None:
-            ev["val"] = learner.evaluate(val_data)
+            ev["val"] = learner.evaluate(val_data, final=final)
         state.eval_seconds += time.perf_counter() - t_eval
         state.eval_images += len(x_test) + (len(val[1]) if val is not None else 0)
         return ev
@@ -308,6 +313,9 @@ def fit(
             lr = lr_at(cfg, step)
             learner.step(train_data, batches.plan(step), lr)
             state.step, state.seen = step + 1, state.seen + cfg.batch_size
+            decay = lookahead_decay(cfg, state.step)
+            if decay is not None:
+                learner.lookahead(decay)
             bar.update(1)
             if on_step is not None:
                 on_step(state)

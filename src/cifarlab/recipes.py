@@ -104,6 +104,9 @@ class FastConfig(TrainConfig):
 
     widths: list[int] = setting([64, 256, 256], "channels of the three conv groups", lo=1, hi=4096)
     tta: int = setting(2, "test-time augmentation: 0 none, 1 + mirror, 2 + shifted by a pixel", lo=0, hi=2)
+    interim_tta: int = setting(
+        0, "--tta level of the evaluations before the last (6 views cost 6x; the last uses --tta)", lo=0, hi=2
+    )
 
     def model_kwargs(self) -> dict[str, Any]:
         return {"widths": list(self.widths), "tta": self.tta}

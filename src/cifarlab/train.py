@@ -27,17 +27,19 @@ from cifarlab.distributed import Dist
 
 def make_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
     """The optimizer of ``cfg``; no weight decay on biases and norm scales (ndim <= 1), as
-    nanoGPT and timm do. Frozen parameters are left out. A model may ask for per-parameter
-    learning-rate multipliers with an ``lr_scales`` attribute ({name: factor}); each group
-    keeps its factor as ``lr_scale``."""
+    nanoGPT and timm do, unless ``cfg.decay_biases``. Frozen parameters are left out. A model
+    may ask for per-parameter learning-rate multipliers with an ``lr_scales`` attribute
+    ({name: factor}); each group keeps its factor as ``lr_scale``, and its decay is divided by
+    it, so that a parameter shrinks by the same lr × decay each step whatever its rate."""
     lr, wd = cfg.learning_rate, cfg.weight_decay
     scales = getattr(model, "lr_scales", {})
     groups: dict[tuple[bool, float], list[torch.nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if p.requires_grad:
-            groups.setdefault((p.ndim >= 2, float(scales.get(name, 1.0))), []).append(p)
+            decayed = p.ndim >= 2 or cfg.decay_biases
+            groups.setdefault((decayed, float(scales.get(name, 1.0))), []).append(p)
     groups = [
-        {"params": ps, "weight_decay": wd if decayed else 0.0, "lr_scale": scale}
+        {"params": ps, "weight_decay": wd / scale if decayed else 0.0, "lr_scale": scale}
         for (decayed, scale), ps in sorted(groups.items(), key=lambda kv: (not kv[0][0], kv[0][1]))
     ]
     # one fused kernel per step instead of a dozen per parameter list: on a 2-core CPU 4x faster
@@ -141,6 +143,7 @@ class TorchLearner:
         acc = torch.float32 if self.device.type == "mps" else torch.float64  # MPS has no float64
         self.loss_sum = torch.zeros((), dtype=acc, device=self.device)
         self.correct = torch.zeros((), dtype=torch.int64, device=self.device)
+        self.slow: dict[str, torch.Tensor] | None = None  # Lookahead's slow weights (cfg.lookahead)
         self.model.train()
 
     @classmethod
@@ -212,6 +215,19 @@ class TorchLearner:
             self.loss_sum += loss.detach() * len(target)
             self.correct += (logits.argmax(1) == target).sum()
 
+    @torch.no_grad()
+    def lookahead(self, decay: float) -> None:
+        """Lookahead (Zhang et al., 2019) with an EMA for its slow weights, over every float
+        parameter and buffer (BatchNorm statistics too): slow <- decay·slow + (1 - decay)·fast,
+        then fast <- slow. The first call starts the slow weights from the fast ones; decay 1
+        just returns the weights to the slow ones (the end of a run)."""
+        fast = {k: v for k, v in self.model.state_dict().items() if v.is_floating_point()}
+        if self.slow is None:
+            self.slow = {k: v.detach().clone() for k, v in fast.items()}
+        for k, v in fast.items():
+            self.slow[k].lerp_(v, 1 - decay)
+            v.copy_(self.slow[k])
+
     def take_running(self) -> tuple[float, int]:
         """The running sums since the last call, over all ranks (a host sync: logging time)."""
         both = torch.stack([self.loss_sum.double(), self.correct.double()]).cpu()
@@ -220,9 +236,11 @@ class TorchLearner:
         self.correct.zero_()
         return float(both[0]), int(both[1])
 
-    def evaluate(self, data: DeviceData) -> dict[str, Any]:
+    def evaluate(self, data: DeviceData, final: bool = True) -> dict[str, Any]:
         """Loss, accuracy and confusion matrix (rows: true class, columns: predicted) over all
-        of ``data`` in evaluation mode. Under torchrun rank r takes evaluation batches r,
+        of ``data`` in evaluation mode. A model with test-time augmentation (a ``tta`` level)
+        evaluates at the config's cheaper ``interim_tta`` level before the ``final`` evaluation,
+        when the config has one. Under torchrun rank r takes evaluation batches r,
         r + world_size, ...; the per-image losses and predictions are summed over the ranks
         (other ranks' entries are 0) and the losses then summed in image order, so every rank
         gets exactly the numbers one process would."""
@@ -232,6 +250,10 @@ class TorchLearner:
                 for buf in self.model.buffers():  # each rank's running statistics -> rank 0's
                     torch.distributed.broadcast(buf, 0)
         per_image = torch.zeros(2, n, device=self.device)  # loss, predicted class (exact in float32)
+        tta = getattr(self.model, "tta", None)
+        interim = getattr(self.cfg, "interim_tta", None)
+        if tta is not None and interim is not None and not final:
+            self.model.tta = interim
         self.model.eval()
         with torch.no_grad(), autocast(self.device, self.precision):
             for k, i in enumerate(range(0, n, bs)):
@@ -242,6 +264,8 @@ class TorchLearner:
                 per_image[0, i : i + bs] = F.cross_entropy(logits, target, reduction="none")
                 per_image[1, i : i + bs] = logits.argmax(1)
         self.model.train()
+        if tta is not None:
+            self.model.tta = tta
         per_image = per_image.cpu()
         distributed.all_reduce_sum(per_image, self.dist, "evaluating")
         c = len(CLASSES)
@@ -268,6 +292,8 @@ class TorchLearner:
                     arrays[f"opt.{pid}.{k}"] = v.detach().cpu().contiguous().numpy()
                 else:
                     plain.setdefault(str(pid), {})[k] = v
+        for k, v in (self.slow or {}).items():
+            arrays[f"lookahead.{k}"] = v.cpu().contiguous().numpy()
         arrays["rng.torch"] = torch.get_rng_state().numpy()
         if self.device.type == "cuda":
             arrays["rng.cuda"] = torch.cuda.get_rng_state(self.device).numpy()
@@ -284,6 +310,8 @@ class TorchLearner:
         for pid, st in plain["plain_state"].items():
             state.setdefault(int(pid), {}).update(st)
         self.opt.load_state_dict({"state": state, "param_groups": plain["param_groups"]})
+        slow = {k.split(".", 1)[1]: v for k, v in arrays.items() if k.startswith("lookahead.")}
+        self.slow = {k: torch.tensor(v, device=self.device) for k, v in slow.items()} or None
         if self.scaler is not None and "scaler" in plain:
             self.scaler.load_state_dict(plain["scaler"])
         torch.set_rng_state(torch.from_numpy(arrays["rng.torch"]))

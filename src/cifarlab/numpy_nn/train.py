@@ -84,7 +84,7 @@ class NumpyLearner:
         return out
 
     @np.errstate(over="ignore", invalid="ignore")
-    def evaluate(self, data: tuple[np.ndarray, np.ndarray]) -> dict[str, Any]:
+    def evaluate(self, data: tuple[np.ndarray, np.ndarray], final: bool = True) -> dict[str, Any]:
         return evaluate(self.model, *data, self.prep, self.cfg.eval_batch_size)
 
     def step_metrics(self) -> dict[str, Any]:
