@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import http.server
 import io
+import os
 import pickle
 import tarfile
 import threading
@@ -86,6 +87,30 @@ def test_one_changed_byte_fails_md5(synthetic):
     faults = dict(data.verify_dataset(root / data.BIN_DIR))
     assert faults["data_batch_2.bin"].startswith("md5 mismatch")
     assert all(v is None for k, v in faults.items() if k != "data_batch_2.bin")
+
+
+def test_a_second_load_reuses_the_checked_copy_until_a_file_changes(synthetic, monkeypatch):
+    root, _ = synthetic
+    files = sorted((root / data.BIN_DIR).iterdir())
+    first = data.load_cifar10(root)
+    assert data._last_load[0] is None  # files written just now are not trusted to stay: not cached
+    for f in files:  # as if written an hour ago
+        os.utime(f, ns=(f.stat().st_atime_ns, f.stat().st_mtime_ns - 3600 * 10**9))
+    first = data.load_cifar10(root)
+    reads = []
+    real_read = data._read_batch
+    monkeypatch.setattr(data, "_read_batch", lambda *a: reads.append(a[1]) or real_read(*a))
+    second = data.load_cifar10(root)
+    assert reads == [] and all(np.array_equal(a, b) for a, b in zip(first, second))
+    second[0][0] = 7  # each load is a copy of its own: changing one changes neither the cache nor others
+    assert np.array_equal(data.load_cifar10(root)[0], first[0])
+    path = root / data.BIN_DIR / "data_batch_2.bin"
+    raw = bytearray(path.read_bytes())
+    raw[200] ^= 1
+    path.write_bytes(bytes(raw))  # a changed file is read (and md5-checked) again
+    with pytest.raises(DataError, match="md5 mismatch"):
+        data.load_cifar10(root)
+    assert "data_batch_1" in reads
 
 
 def test_label_out_of_range(synthetic):

@@ -169,7 +169,7 @@ def test_activations_sweep_measures_each_activation(synthetic, tmp_path, capsys,
     monkeypatch.setattr(activations, "STEPS", 4)
     monkeypatch.setattr(activations, "EVAL", 2)
     monkeypatch.chdir(tmp_path)  # tables go under ./runs/sweeps/activations, never ./results
-    argv = ["sweep", "activations", "--seeds", "1", "--jobs", "2", "--data-dir", str(synthetic[0])]
+    argv = ["sweep", "activations", "--seeds", "1", "--jobs", "1", "--data-dir", str(synthetic[0])]
     assert main([*argv, "--no-verify", "--extra=--batch-size 20"]) == 0
     out = tmp_path / "runs" / "sweeps" / "activations"
     md = (out / "activations.md").read_text()
@@ -191,7 +191,7 @@ def test_norms_sweep_covers_every_norm_and_batch_size(synthetic, tmp_path, capsy
     monkeypatch.setattr(norms, "BATCHES", (2, 8))
     monkeypatch.setattr(norms, "IMAGES", 16)  # 8 steps at batch 2, 2 at batch 8
     res = tmp_path / "tables"
-    argv = ["sweep", "norms", "--jobs", "2", "--data-dir", str(synthetic[0]), "--no-verify"]
+    argv = ["sweep", "norms", "--jobs", "1", "--data-dir", str(synthetic[0]), "--no-verify"]
     assert main([*argv, "--out-root", str(tmp_path / "runs"), "--out", str(res)]) == 0
     md = (res / "norms.md").read_text()
     assert "| final test accuracy | B=2 | B=8 |" in md

@@ -67,21 +67,42 @@ def _sigterm_at(step):
     return on_step
 
 
-@pytest.mark.parametrize("lookahead", [0, 3])
-def test_resume_equals_uninterrupted_bitwise(synthetic, tmp_path, lookahead):
+def _tiny_conv_model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3, padding=1),
+        torch.nn.BatchNorm2d(4),
+        torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(2),
+        torch.nn.Flatten(),
+        torch.nn.Linear(16, 10),
+    )
+
+
+@pytest.mark.parametrize(
+    ("make_model", "extra"),
+    [
+        (_tiny_model, {}),
+        (_tiny_model, {"lookahead": 3}),  # the slow weights travel in the checkpoint
+        (_tiny_conv_model, {"channels_last": True}),
+        (_tiny_conv_model, {"lookahead": 3}),
+        (_tiny_conv_model, {"lookahead": 3, "channels_last": True}),  # BN statistics, NHWC memory
+    ],
+)
+def test_resume_equals_uninterrupted_bitwise(synthetic, tmp_path, make_model, extra):
     d = load_cifar10(synthetic[0])
-    cfg = _cfg(log_freq=5, lookahead=lookahead)  # records at steps 4, 5, 8, 10, 12 (evaluations at 4, 8, 12)
+    cfg = _cfg(log_freq=5, **extra)  # records at steps 4, 5, 8, 10, 12 (evaluations at 4, 8, 12)
     full = RunDir.create("t", out=tmp_path / "full")
-    _fit(_tiny_model(), cfg, full, d)
+    _fit(make_model(), cfg, full, d)
     assert [m["step"] for m in full.read_metrics()] == [4, 5, 8, 10, 12]
 
     part = RunDir.create("t", out=tmp_path / "part")
     torch.manual_seed(123)  # the interrupted process's RNG history must not matter
     with pytest.raises(KeyboardInterrupt, match="stopped at step 6"):
-        _fit(_tiny_model(), cfg, part, d, on_step=_sigterm_at(6))  # between two evaluations and two records
+        _fit(make_model(), cfg, part, d, on_step=_sigterm_at(6))  # between two evaluations and two records
     assert not part.summary_path.exists()
     torch.manual_seed(999)
-    _fit(_tiny_model(), cfg, part, d, resume=True)
+    _fit(make_model(), cfg, part, d, resume=True)
 
     a = load_file(str(full.checkpoint_dir / "model.safetensors"))
     b = load_file(str(part.checkpoint_dir / "model.safetensors"))

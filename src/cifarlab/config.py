@@ -163,6 +163,8 @@ class TrainConfig:
                     )
             if f.metadata.get("torch_only") and not self.torch_trainer and value != f.default:
                 raise UsageError(f"{flag(f.name)} is a torch trainer setting; the NumPy trainer has none")
+        if self.schedule != "onecycle" and (self.lr_start or self.lr_end):
+            raise UsageError(f"--lr-start and --lr-end are the ends of --schedule onecycle, not {self.schedule}")
         if self.warmup_steps > self.max_steps:
             raise UsageError(
                 f"--warmup-steps must be at most --max-steps ({self.max_steps}), got {self.warmup_steps}"

@@ -584,6 +584,11 @@ def _command_started() -> float:
     return time.perf_counter() - age
 
 
+def _fit_options(args: argparse.Namespace, dist: Dist, val: tuple | None) -> dict[str, Any]:
+    """``fit``'s keyword arguments that come from the command line (a new run and a resume)."""
+    return {"progress": args.progress, "dist": dist, "tensorboard": args.tensorboard, "val": val}
+
+
 def _start(recipe: Recipe, args: argparse.Namespace, dist: Dist) -> int:
     started = _command_started()
     cfg = recipe.make_config(args.preset, **given_flags(recipe.config, args))
@@ -622,18 +627,9 @@ def _start(recipe: Recipe, args: argparse.Namespace, dist: Dist) -> int:
     run = _open_on_main(dist, create)
     try:
         summary = fit(
-            learner,
-            cfg,
-            run,
-            data,
-            meta,
-            prep,
-            progress=args.progress,
-            dist=dist,
-            tensorboard=args.tensorboard,
-            val=val,
+            learner, cfg, run, data, meta, prep, **_fit_options(args, dist, val),
             setup_seconds=time.perf_counter() - started,
-        )
+        )  # fmt: skip
     except BaseException:
         if run.locked:
             run.remove_if_unstarted()  # a failed start leaves nothing behind
@@ -692,19 +688,7 @@ def _resume(recipe: Recipe, args: argparse.Namespace, dist: Dist) -> int:
         if dist.is_main:
             run.summary_path.unlink(missing_ok=True)  # an extended run is unfinished until it ends again
             run.diverged_path.unlink(missing_ok=True)  # it is running again from its last good checkpoint
-        summary = fit(
-            learner,
-            cfg,
-            run,
-            data,
-            meta,
-            prep,
-            state=state,
-            progress=args.progress,
-            dist=dist,
-            tensorboard=args.tensorboard,
-            val=val,
-        )
+        summary = fit(learner, cfg, run, data, meta, prep, state=state, **_fit_options(args, dist, val))
     finally:
         run.unlock()
     if dist.is_main:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from cifarlab.config import ACTIVATIONS, NORMS, NUMPY_ACTIVATIONS, TrainConfig, make_config, setting
+from cifarlab.errors import UsageError
 
 
 def _mlp_parameters(widths: list[int], norm: str = "none") -> int:
@@ -107,6 +108,11 @@ class FastConfig(TrainConfig):
     interim_tta: int = setting(
         0, "--tta level of the evaluations before the last (6 views cost 6x; the last uses --tta)", lo=0, hi=2
     )
+
+    def validate(self) -> None:
+        super().validate()
+        if self.interim_tta > self.tta:
+            raise UsageError(f"--interim-tta {self.interim_tta} must not exceed --tta {self.tta}")
 
     def model_kwargs(self) -> dict[str, Any]:
         return {"widths": list(self.widths), "tta": self.tta}

@@ -30,7 +30,7 @@ def make_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Opti
     nanoGPT and timm do, unless ``cfg.decay_biases``. Frozen parameters are left out. A model
     may ask for per-parameter learning-rate multipliers with an ``lr_scales`` attribute
     ({name: factor}); each group keeps its factor as ``lr_scale``, and its decay is divided by
-    it, so that a parameter shrinks by the same lr × decay each step whatever its rate."""
+    it, so that under SGD a parameter shrinks by the same lr × decay each step whatever its rate."""
     lr, wd = cfg.learning_rate, cfg.weight_decay
     scales = getattr(model, "lr_scales", {})
     groups: dict[tuple[bool, float], list[torch.nn.Parameter]] = {}
@@ -255,17 +255,19 @@ class TorchLearner:
         if tta is not None and interim is not None and not final:
             self.model.tta = interim
         self.model.eval()
-        with torch.no_grad(), autocast(self.device, self.precision):
-            for k, i in enumerate(range(0, n, bs)):
-                if k % self.dist.world_size != self.dist.rank:
-                    continue
-                logits = self.model(self.inputs(data.x[i : i + bs])).float()
-                target = data.y[i : i + bs]
-                per_image[0, i : i + bs] = F.cross_entropy(logits, target, reduction="none")
-                per_image[1, i : i + bs] = logits.argmax(1)
-        self.model.train()
-        if tta is not None:
-            self.model.tta = tta
+        try:
+            with torch.no_grad(), autocast(self.device, self.precision):
+                for k, i in enumerate(range(0, n, bs)):
+                    if k % self.dist.world_size != self.dist.rank:
+                        continue
+                    logits = self.model(self.inputs(data.x[i : i + bs])).float()
+                    target = data.y[i : i + bs]
+                    per_image[0, i : i + bs] = F.cross_entropy(logits, target, reduction="none")
+                    per_image[1, i : i + bs] = logits.argmax(1)
+        finally:
+            self.model.train()
+            if tta is not None:
+                self.model.tta = tta
         per_image = per_image.cpu()
         distributed.all_reduce_sum(per_image, self.dist, "evaluating")
         c = len(CLASSES)
@@ -310,8 +312,16 @@ class TorchLearner:
         for pid, st in plain["plain_state"].items():
             state.setdefault(int(pid), {}).update(st)
         self.opt.load_state_dict({"state": state, "param_groups": plain["param_groups"]})
+        for param, st in self.opt.state.items():  # buffers come back contiguous: give them the
+            for k, v in st.items():  # parameter's layout, which fused steps assume (else wrong math)
+                if torch.is_tensor(v) and v.shape == param.shape and v.stride() != param.stride():
+                    st[k] = torch.empty_strided(param.shape, param.stride(), dtype=v.dtype, device=v.device).copy_(v)
         slow = {k.split(".", 1)[1]: v for k, v in arrays.items() if k.startswith("lookahead.")}
-        self.slow = {k: torch.tensor(v, device=self.device) for k, v in slow.items()} or None
+        fast = self.model.state_dict()
+        if slow and set(slow) != {k for k, v in fast.items() if v.is_floating_point()}:
+            raise ValueError("the checkpoint's Lookahead weights do not match the model's")
+        # in the model's own memory layout (channels_last), as an uninterrupted run has them
+        self.slow = {k: torch.empty_like(fast[k]).copy_(torch.from_numpy(v)) for k, v in slow.items()} or None
         if self.scaler is not None and "scaler" in plain:
             self.scaler.load_state_dict(plain["scaler"])
         torch.set_rng_state(torch.from_numpy(arrays["rng.torch"]))
