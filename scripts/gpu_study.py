@@ -10,6 +10,8 @@ and CPU-only jobs (the NumPy MLP) use the machine's cores alongside. Jobs start 
 listed (most important first); none starts after ``--deadline`` seconds, and any still running
 at ``--deadline + --grace`` is stopped, so the results come back in time. Every run directory,
 without its checkpoint, goes into DIR/runs/, and DIR/study.md gets one row per job.
+Rounds 1 and 2 ran (results/gpu/); round 3, the fast recipe's Lookahead / schedule-end / bias-decay
+ablation, is ready for the next GPU session.
 """
 
 from __future__ import annotations
@@ -97,13 +99,30 @@ ROUND2: list[tuple[str, list[str]]] = [
 ]  # fmt: skip
 
 
+# a third round (issue 13's 0.94): airbench94's remaining parts in the fast recipe, one at a time
+# and together, on validation over 3 seeds; then all of them on the test set over 5 seeds
+_FAST_PARTS = {
+    "base": [],
+    "lookahead": ["--lookahead", "5"],
+    "ends": ["--lr-start", "0.2", "--lr-end", "0.07"],
+    "biasdecay": ["--decay-biases"],
+    "all": ["--lookahead", "5", "--lr-start", "0.2", "--lr-end", "0.07", "--decay-biases"],
+}
+ROUND3: list[tuple[str, list[str]]] = [
+    *[(f"val-fast-{part}-s{s}", ["fast", "--val-split", "5000", *flags, "--seed", str(s), *GPU])
+      for s in range(3) for part, flags in _FAST_PARTS.items()],
+    *[(f"fast-all-s{s}", ["fast", *_FAST_PARTS["all"], "--seed", str(s), *GPU]) for s in range(5)],
+]  # fmt: skip
+ROUNDS = {1: JOBS, 2: ROUND2, 3: ROUND3}
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--jobs", type=int, default=8)
     p.add_argument("--deadline", type=float, default=420.0, help="start no job after this many seconds")
     p.add_argument("--grace", type=float, default=90.0, help="stop what still runs this much later")
-    p.add_argument("--round", type=int, default=1, choices=(1, 2))
+    p.add_argument("--round", type=int, default=1, choices=tuple(ROUNDS))
     p.add_argument("--only", default="", help="comma-separated name prefixes to run (default: all)")
     p.add_argument("--extra", default="", help="arguments added to every job (e.g. for a dry run)")
     args = p.parse_args()
@@ -113,7 +132,7 @@ def main() -> int:
     prefixes = [s for s in args.only.split(",") if s]
     todo = [
         (n, a)
-        for n, a in (JOBS if args.round == 1 else ROUND2)
+        for n, a in ROUNDS[args.round]
         if not prefixes or n.startswith(tuple(prefixes))
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONUNBUFFERED": "1"}

@@ -101,6 +101,11 @@ def tiny_run(synthetic, tmp_path):
         ("mlp", ["--flip", "sideways"], "invalid choice: 'sideways'"),
         ("efficientnet_lite0", ["--freeze-stages", "8"], "--freeze-stages must be in [0, 7]"),
         ("efficientnet_lite1", ["--image-size", "8"], "--image-size must be in [32, 512]"),
+        ("fast", ["--lookahead", "-1"], "--lookahead must be in [0, 1000000]"),
+        ("fast", ["--lr-start", "1.5"], "--lr-start must be in [0, 1]"),
+        ("mlp", ["--lr-end", "0.1", "--schedule", "cosine"], "--lr-end are the ends of --schedule onecycle"),
+        ("fast", ["--tta", "1", "--interim-tta", "2"], "--interim-tta 2 must not exceed --tta 1"),
+        ("mlp-numpy", ["--lookahead", "5"], "unrecognized arguments: --lookahead"),
     ],
 )
 def test_bad_flag_is_refused_before_anything_is_written(
