@@ -314,6 +314,15 @@ def test_standard_preprocessing_per_channel(synthetic):
         data.Preprocess.fit("zca", x)
 
 
+def test_channel_stats_equal_numpys_float_statistics():
+    x = np.random.default_rng(0).integers(0, 256, size=(300, 32, 32, 3), dtype=np.uint8)
+    x[..., 2] //= 3  # channels of different spread
+    mean, std = data.channel_stats(x)
+    flat = x.reshape(-1, 3).astype(np.float64)
+    np.testing.assert_allclose(mean, flat.mean(0), rtol=1e-12)
+    np.testing.assert_allclose(std, flat.std(0), rtol=1e-10)
+
+
 def test_random_crop_flip_equals_padded_reference():
     rng = np.random.default_rng(3)
     x = rng.integers(0, 256, size=(64, 32, 32, 3), dtype=np.uint8)
