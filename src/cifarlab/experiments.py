@@ -60,9 +60,10 @@ SECTIONS = {
     "beyond": "Beyond the seed: the best presets",
 }
 
-# ConvNet and EfficientNet evaluate a subset of the test set in the quick budget: a full
-# evaluation of 10,000 images costs more than the whole quick run of those models.
-_QUICK_CONV = ("--max-steps", "4", "--eval-freq", "2", "--test-images", "200", "--batch-size", "32")
+# In the quick budget every run evaluates a subset of the test set: for the MLPs a full evaluation
+# of 10,000 images costs more than their few steps, for ConvNet and EfficientNet more than the run.
+_QUICK_TEST = ("--test-images", "1000")
+_QUICK_CONV = ("--max-steps", "2", "--eval-freq", "2", "--test-images", "200", "--batch-size", "32")
 _QUICK_TRANSFER = ("--max-steps", "4", "--eval-freq", "2", "--test-images", "200", "--image-size", "32")
 
 
@@ -76,26 +77,26 @@ def catalogue() -> list[Experiment]:
     """Every experiment, in report order."""
     exps = [
         Experiment("mlp-numpy-seed", "part1", "NumPy MLP, seed protocol", ("mlp-numpy", "--preset", "seed"),
-                   seeds=3, quick=("--max-steps", "100", "--eval-freq", "50"), seed_result=0.4813),
+                   seeds=3, quick=("--max-steps", "100", "--eval-freq", "50", *_QUICK_TEST), seed_result=0.4813),
     ]  # fmt: skip
     for i, job in enumerate(table1.jobs(range(1, len(table1.CONFIGS) + 1), [FIRST_SEED]), 1):
         hidden, opt, lr, steps, seed_acc = table1.CONFIGS[i - 1]
         exps.append(
             Experiment(f"table1-config{i}", "part2", f"{i}: {hidden} {opt} lr={lr:g} {steps} steps",
-                       _from_sweep(job.argv), seeds=3, quick=("--max-steps", "60", "--eval-freq", "30"),
+                       _from_sweep(job.argv), seeds=3, quick=("--max-steps", "60", "--eval-freq", "30", *_QUICK_TEST),
                        seed_result=seed_acc)
         )  # fmt: skip
     for job in activations.jobs([FIRST_SEED]):
         act = job.argv[job.argv.index("--activation") + 1]
         exps.append(
             Experiment(f"activation-{act}", "part2", act, _from_sweep(job.argv), seeds=3,
-                       quick=("--max-steps", "60", "--eval-freq", "30"))
+                       quick=("--max-steps", "60", "--eval-freq", "30", *_QUICK_TEST))
         )  # fmt: skip
     for job in norms.jobs([FIRST_SEED]):
         norm, b = job.name.split("-")[:2]
         exps.append(
             Experiment(f"norms-{norm}-{b}", "part3", f"{norm} {b.replace('b', 'B=')}", _from_sweep(job.argv),
-                       quick=("--max-steps", "40", "--eval-freq", "20"))
+                       quick=("--max-steps", "40", "--eval-freq", "20", *_QUICK_TEST))
         )  # fmt: skip
     exps += [
         Experiment("convnet-seed", "part4", "ConvNet, seed protocol", ("convnet", "--preset", "seed"),
@@ -103,9 +104,9 @@ def catalogue() -> list[Experiment]:
         Experiment("efficientnet-finetune", "part4b", "EfficientNet-Lite0 from ImageNet, fine-tuned",
                    ("efficientnet_lite0", "--preset", "finetune"), quick=_QUICK_TRANSFER, seed_result=0.82),
         Experiment("mlp-numpy-best", "beyond", "NumPy MLP, best preset", ("mlp-numpy", "--preset", "best"),
-                   quick=("--max-steps", "30", "--eval-freq", "15", "--warmup-steps", "5")),
+                   quick=("--max-steps", "30", "--eval-freq", "15", "--warmup-steps", "5", *_QUICK_TEST)),
         Experiment("mlp-best", "beyond", "PyTorch MLP, best preset", ("mlp", "--preset", "best"),
-                   quick=("--max-steps", "30", "--eval-freq", "15")),
+                   quick=("--max-steps", "30", "--eval-freq", "15", *_QUICK_TEST)),
         Experiment("convnet-best", "beyond", "ConvNet, best preset", ("convnet", "--preset", "best"),
                    quick=_QUICK_CONV),
         Experiment("efficientnet-best", "beyond", "EfficientNet-Lite0, best preset",
