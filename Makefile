@@ -17,7 +17,7 @@ demo: $(BIN)/.installed  ## the whole study in miniature (~2.5 min here): 29 sho
 	$(BIN)/cifarlab reproduce --budget quick --out demo
 	@echo "open demo/report/index.html (or read demo/report/REPORT.md)"
 
-test: $(BIN)/.installed  ## ruff + the test suite (~6 min on 2 cores, 2.3 of them the quick study)
+test: $(BIN)/.installed  ## ruff + the test suite (~5.5 min on 2 cores, 1.5 of them the quick study)
 	$(BIN)/ruff check src tests benchmarks scripts
 	$(BIN)/python -m pytest
 
