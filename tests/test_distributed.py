@@ -219,7 +219,8 @@ def test_torchrun_refuses_a_batch_the_ranks_cannot_split(synthetic, tmp_path):
     r = _train(synthetic[0], tmp_path / "run", "--batch-size", "15", nproc=2)
     assert r.returncode != 0
     ours = [line for line in r.stderr.splitlines() if line.startswith("cifarlab: ")]
-    assert len(ours) == 2 and all("divisible by the 2 processes" in line for line in ours)
+    # Both ranks refuse, but torchrun's agent may stop the second one before it prints: at least one line, all ours.
+    assert 1 <= len(ours) <= 2 and all("divisible by the 2 processes" in line for line in ours)
     assert "src/cifarlab" not in r.stderr and "site-packages/cifarlab" not in r.stderr  # no traceback of ours
     assert not (tmp_path / "run").exists()
 
