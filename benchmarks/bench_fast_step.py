@@ -50,6 +50,7 @@ def per_layer(model: torch.nn.Module, x: torch.Tensor, n: int) -> None:
     """Each convolution alone, forward + backward (weights and input gradients, as in training),
     in channels_last and in NCHW memory: its time and GFLOP/s."""
     shapes: dict[str, tuple] = {}
+
     def record(name: str):
         def hook(module: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> None:
             shapes[name] = (inputs[0].shape, module)
@@ -151,7 +152,9 @@ def main() -> None:
         model.tta = level
         with torch.inference_mode():
             s = timed(model, xe, n=2)
-        print(f"evaluation, tta {level}: {len(xe) / s:.0f} images/s ({10_000 / (len(xe) / s):.0f} s for the test set)")
+        print(
+            f"evaluation, tta {level}: {len(xe) / s:.0f} images/s ({10_000 / (len(xe) / s):.0f} s for the test set)"
+        )
 
 
 if __name__ == "__main__":

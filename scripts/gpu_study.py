@@ -130,11 +130,7 @@ def main() -> int:
     runs.mkdir(parents=True, exist_ok=True)
     logs.mkdir(exist_ok=True)
     prefixes = [s for s in args.only.split(",") if s]
-    todo = [
-        (n, a)
-        for n, a in ROUNDS[args.round]
-        if not prefixes or n.startswith(tuple(prefixes))
-    ]
+    todo = [(n, a) for n, a in ROUNDS[args.round] if not prefixes or n.startswith(tuple(prefixes))]
     env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONUNBUFFERED": "1"}
     t0, running, done = time.time(), {}, []
     while todo or running:

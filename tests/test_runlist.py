@@ -143,7 +143,9 @@ def test_sorted_by_date_and_checkpoints_and_hidden_folders_not_searched(tmp_path
 
 def test_runs_on_the_projects_results(capsys):
     expected = {  # run directories at any depth (results/fast/s0, ...), named relative to results/
-        c.parent.relative_to(RESULTS).as_posix(): json.loads((c.parent / "summary.json").read_text())["test_accuracy"]
+        c.parent.relative_to(RESULTS).as_posix(): json.loads((c.parent / "summary.json").read_text())[
+            "test_accuracy"
+        ]
         for c in RESULTS.rglob("config.json")
     }
     assert len(expected) >= 5

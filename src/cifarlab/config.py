@@ -13,6 +13,7 @@ which a preset's config then takes with ``dataclasses.replace``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import math
 import os
@@ -164,7 +165,9 @@ class TrainConfig:
             if f.metadata.get("torch_only") and not self.torch_trainer and value != f.default:
                 raise UsageError(f"{flag(f.name)} is a torch trainer setting; the NumPy trainer has none")
         if self.schedule != "onecycle" and (self.lr_start or self.lr_end):
-            raise UsageError(f"--lr-start and --lr-end are the ends of --schedule onecycle, not {self.schedule}")
+            raise UsageError(
+                f"--lr-start and --lr-end are the ends of --schedule onecycle, not {self.schedule}"
+            )
         if self.warmup_steps > self.max_steps:
             raise UsageError(
                 f"--warmup-steps must be at most --max-steps ({self.max_steps}), got {self.warmup_steps}"
@@ -192,6 +195,11 @@ class TrainConfig:
     def parameter_count(self) -> int | None:
         """The model's parameter count when it follows from the config alone (else None)."""
         return None
+
+    def evaluating(self, model: Any, final: bool) -> contextlib.AbstractContextManager:
+        """The context the trainer evaluates ``model`` in; ``final`` marks a run's last
+        evaluation. Recipes override it to make the evaluations before the last cheaper."""
+        return contextlib.nullcontext()
 
 
 def _has_type(value: Any, tp: Any) -> bool:

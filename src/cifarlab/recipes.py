@@ -8,6 +8,8 @@ Torch-free: ``cifarlab train mlp-numpy`` imports this table and never torch.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -116,6 +118,15 @@ class FastConfig(TrainConfig):
 
     def model_kwargs(self) -> dict[str, Any]:
         return {"widths": list(self.widths), "tta": self.tta}
+
+    @contextmanager
+    def evaluating(self, model: Any, final: bool) -> Iterator[None]:
+        """Evaluations before the last use the cheaper ``interim_tta`` views."""
+        kept, model.tta = model.tta, self.tta if final else self.interim_tta
+        try:
+            yield
+        finally:
+            model.tta = kept
 
 
 @dataclass

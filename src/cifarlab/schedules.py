@@ -46,5 +46,5 @@ def lookahead_decay(cfg, step: int) -> float | None:
     if not k:
         return None
     if step % k == 0:
-        return LOOKAHEAD_DECAY**k * min(1.0, step / cfg.max_steps) ** 3
+        return LOOKAHEAD_DECAY**k * (step / cfg.max_steps) ** 3
     return 1.0 if step == cfg.max_steps else None

@@ -238,9 +238,8 @@ class TorchLearner:
 
     def evaluate(self, data: DeviceData, final: bool = True) -> dict[str, Any]:
         """Loss, accuracy and confusion matrix (rows: true class, columns: predicted) over all
-        of ``data`` in evaluation mode. A model with test-time augmentation (a ``tta`` level)
-        evaluates at the config's cheaper ``interim_tta`` level before the ``final`` evaluation,
-        when the config has one. Under torchrun rank r takes evaluation batches r,
+        of ``data`` in evaluation mode, inside the config's ``evaluating`` context (``final``:
+        the run's last evaluation). Under torchrun rank r takes evaluation batches r,
         r + world_size, ...; the per-image losses and predictions are summed over the ranks
         (other ranks' entries are 0) and the losses then summed in image order, so every rank
         gets exactly the numbers one process would."""
@@ -250,13 +249,13 @@ class TorchLearner:
                 for buf in self.model.buffers():  # each rank's running statistics -> rank 0's
                     torch.distributed.broadcast(buf, 0)
         per_image = torch.zeros(2, n, device=self.device)  # loss, predicted class (exact in float32)
-        tta = getattr(self.model, "tta", None)
-        interim = getattr(self.cfg, "interim_tta", None)
-        if tta is not None and interim is not None and not final:
-            self.model.tta = interim
         self.model.eval()
         try:
-            with torch.no_grad(), autocast(self.device, self.precision):
+            with (
+                self.cfg.evaluating(self.model, final),
+                torch.no_grad(),
+                autocast(self.device, self.precision),
+            ):
                 for k, i in enumerate(range(0, n, bs)):
                     if k % self.dist.world_size != self.dist.rank:
                         continue
@@ -266,8 +265,6 @@ class TorchLearner:
                     per_image[1, i : i + bs] = logits.argmax(1)
         finally:
             self.model.train()
-            if tta is not None:
-                self.model.tta = tta
         per_image = per_image.cpu()
         distributed.all_reduce_sum(per_image, self.dist, "evaluating")
         c = len(CLASSES)
@@ -315,7 +312,9 @@ class TorchLearner:
         for param, st in self.opt.state.items():  # buffers come back contiguous: give them the
             for k, v in st.items():  # parameter's layout, which fused steps assume (else wrong math)
                 if torch.is_tensor(v) and v.shape == param.shape and v.stride() != param.stride():
-                    st[k] = torch.empty_strided(param.shape, param.stride(), dtype=v.dtype, device=v.device).copy_(v)
+                    st[k] = torch.empty_strided(
+                        param.shape, param.stride(), dtype=v.dtype, device=v.device
+                    ).copy_(v)
         slow = {k.split(".", 1)[1]: v for k, v in arrays.items() if k.startswith("lookahead.")}
         fast = self.model.state_dict()
         if slow and set(slow) != {k for k, v in fast.items() if v.is_floating_point()}:
