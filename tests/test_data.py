@@ -91,12 +91,12 @@ def test_one_changed_byte_fails_md5(synthetic):
 
 def test_a_second_load_reuses_the_checked_copy_until_a_file_changes(synthetic, monkeypatch):
     root, _ = synthetic
-    files = sorted((root / data.BIN_DIR).iterdir())
     first = data.load_cifar10(root)
-    assert data._last_load[0] is None  # files written just now are not trusted to stay: not cached
-    for f in files:  # as if written an hour ago
-        os.utime(f, ns=(f.stat().st_atime_ns, f.stat().st_mtime_ns - 3600 * 10**9))
+    assert data._last_load is None  # files written just now are not trusted to stay: not cached
+    clock = data.time.time_ns
+    monkeypatch.setattr(data.time, "time_ns", lambda: clock() + 3600 * 10**9)  # an hour later
     first = data.load_cifar10(root)
+    assert data._last_load is not None
     reads = []
     real_read = data._read_batch
     monkeypatch.setattr(data, "_read_batch", lambda *a: reads.append(a[1]) or real_read(*a))
@@ -314,8 +314,23 @@ def test_standard_preprocessing_per_channel(synthetic):
         data.Preprocess.fit("zca", x)
 
 
+def test_a_recently_touched_file_is_not_cached_even_with_an_old_mtime(synthetic):
+    root, _ = synthetic
+    for f in (root / data.BIN_DIR).iterdir():  # mtime set back an hour; the change time is now
+        os.utime(f, ns=(f.stat().st_atime_ns, f.stat().st_mtime_ns - 3600 * 10**9))
+    data.load_cifar10(root)
+    assert data._last_load is None
+
+
+def test_channel_stats_of_a_constant_channel_is_zero_not_nan():
+    x = np.full((2, 32, 32, 3), 200, np.uint8)
+    mean, std = data.channel_stats(x)
+    assert mean.tolist() == [200.0] * 3 and std.tolist() == [0.0] * 3
+
+
 def test_channel_stats_equal_numpys_float_statistics():
-    x = np.random.default_rng(0).integers(0, 256, size=(300, 32, 32, 3), dtype=np.uint8)
+    # 4500 images: 4.6M pixels, over the 4M-pixel chunk the histograms are counted in
+    x = np.random.default_rng(0).integers(0, 256, size=(4500, 32, 32, 3), dtype=np.uint8)
     x[..., 2] //= 3  # channels of different spread
     mean, std = data.channel_stats(x)
     flat = x.reshape(-1, 3).astype(np.float64)

@@ -105,6 +105,8 @@ def tiny_run(synthetic, tmp_path):
         ("fast", ["--lr-start", "1.5"], "--lr-start must be in [0, 1]"),
         ("mlp", ["--lr-end", "0.1", "--schedule", "cosine"], "--lr-end are the ends of --schedule onecycle"),
         ("fast", ["--tta", "1", "--interim-tta", "2"], "--interim-tta 2 must not exceed --tta 1"),
+        ("fast", ["--widths", "8,8,8,8"], "--widths takes the channels of the 3 conv groups, got 4"),
+        ("mlp", ["--schedule", "onecycle", "--warmup-steps", "5"], "onecycle has its own warm-up"),
         ("mlp-numpy", ["--lookahead", "5"], "unrecognized arguments: --lookahead"),
     ],
 )

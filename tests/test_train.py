@@ -114,6 +114,20 @@ def test_resume_equals_uninterrupted_bitwise(synthetic, tmp_path, make_model, ex
     assert part.read_summary()["test_accuracy"] == full.read_summary()["test_accuracy"]
 
 
+def test_lookahead_weights_of_another_shape_are_refused(synthetic):
+    prep = Preprocess.fit("standard", load_cifar10(synthetic[0])[0])
+    learner = TorchLearner(_tiny_model(), _cfg(lookahead=3), prep)
+    learner.lookahead(0.5)  # the slow weights start as a copy
+    arrays, plain = learner.trainer_state()
+    weights = learner.weights()
+    fresh = TorchLearner(_tiny_model(), _cfg(lookahead=3), prep)
+    fresh.load(weights, arrays, plain)
+    assert fresh.slow.keys() == learner.slow.keys()
+    arrays["lookahead.4.bias"] = arrays["lookahead.4.bias"][:1]  # (1,) would broadcast into (10,)
+    with pytest.raises(ValueError, match="Lookahead weights do not match"):
+        fresh.load(weights, arrays, plain)
+
+
 class _Exploding(torch.nn.Module):
     """Returns inf logits from the 7th training forward on."""
 

@@ -85,9 +85,11 @@ class TrainConfig:
     )  # fmt: skip
     schedule: str = setting("constant", "LR schedule", choices=SCHEDULES)
     warmup_steps: int = setting(0, "linear warm-up steps", lo=0)
-    lr_start: float = setting(0.0, "onecycle: the first step's rate as a fraction of the peak", lo=0, hi=1)
+    lr_start: float = setting(
+        0.0, "onecycle: the rate its rise starts from, as a fraction of the peak", lo=0, hi=1
+    )
     lr_end: float = setting(
-        0.0, "onecycle: the rate it falls to at the end, as a fraction of the peak", lo=0, hi=1
+        0.0, "onecycle: the rate its fall heads for, as a fraction of the peak", lo=0, hi=1
     )
     lookahead: int = setting(
         0, "every N steps pull the weights to a slow average of themselves (Lookahead/EMA, rising over the "
@@ -168,6 +170,8 @@ class TrainConfig:
             raise UsageError(
                 f"--lr-start and --lr-end are the ends of --schedule onecycle, not {self.schedule}"
             )
+        if self.schedule == "onecycle" and self.warmup_steps:
+            raise UsageError("--schedule onecycle has its own warm-up (its first 25%): drop --warmup-steps")
         if self.warmup_steps > self.max_steps:
             raise UsageError(
                 f"--warmup-steps must be at most --max-steps ({self.max_steps}), got {self.warmup_steps}"

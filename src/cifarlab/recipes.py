@@ -113,6 +113,10 @@ class FastConfig(TrainConfig):
 
     def validate(self) -> None:
         super().validate()
+        if len(self.widths) != 3:
+            raise UsageError(
+                f"--widths takes the channels of the 3 conv groups, got {len(self.widths)} numbers"
+            )
         if self.interim_tta > self.tta:
             raise UsageError(f"--interim-tta {self.interim_tta} must not exceed --tta {self.tta}")
 

@@ -317,7 +317,9 @@ class TorchLearner:
                     ).copy_(v)
         slow = {k.split(".", 1)[1]: v for k, v in arrays.items() if k.startswith("lookahead.")}
         fast = self.model.state_dict()
-        if slow and set(slow) != {k for k, v in fast.items() if v.is_floating_point()}:
+        if slow and {k: v.shape for k, v in slow.items()} != {
+            k: tuple(v.shape) for k, v in fast.items() if v.is_floating_point()
+        }:
             raise ValueError("the checkpoint's Lookahead weights do not match the model's")
         # in the model's own memory layout (channels_last), as an uninterrupted run has them
         self.slow = {k: torch.empty_like(fast[k]).copy_(torch.from_numpy(v)) for k, v in slow.items()} or None
