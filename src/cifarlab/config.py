@@ -32,6 +32,9 @@ ACTIVATIONS = ("elu", "relu", "tanh", "gelu")
 NUMPY_ACTIVATIONS = ("elu", "relu", "tanh")  # the NumPy MLP has no GELU
 NORMS = ("none", "batch", "layer")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # see cifarlab.devices.resolve_precision
+# settings that change neither the weights nor the batches of a run: a resumed run may change
+# them, and runs that differ only in them are the same experiment
+BOOKKEEPING = frozenset({"eval_freq", "threads", "log_freq", "eval_batch_size", "interim_tta"})
 MAX_PARAMETER_BYTES = 4 << 30  # a model over 4 GiB of float32 parameters is refused
 
 C = TypeVar("C", bound="TrainConfig")

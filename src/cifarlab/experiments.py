@@ -13,12 +13,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from cifarlab.config import BOOKKEEPING
 from cifarlab.sweeps import activations, norms, table1
 
 BUDGETS = ("quick", "full")
 FIRST_SEED = 42
-# settings that change neither the weights nor the numbers of a run: ignored when matching
-IGNORED = frozenset({"eval_freq", "threads", "log_freq", "eval_batch_size", "interim_tta"})
+IGNORED = BOOKKEEPING  # not compared when matching a run to an experiment
 
 
 @dataclass(frozen=True)

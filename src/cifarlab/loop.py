@@ -42,6 +42,7 @@ import numpy as np
 
 from cifarlab import checkpoints
 from cifarlab.config import (
+    BOOKKEEPING,
     TrainConfig,
     add_config_args,
     add_data_args,
@@ -76,7 +77,7 @@ from cifarlab.schedules import lookahead_decay, lr_at
 _IMPORTED = time.perf_counter()
 Data = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
 # settings a --resume may change: they alter neither the weights so far nor the batches
-RESUMABLE_CHANGES = ("max_steps", "eval_freq", "log_freq", "threads")
+RESUMABLE_CHANGES = ("max_steps", *sorted(BOOKKEEPING))
 STOP_CHECK_STEPS = 8  # under torchrun, the ranks agree on a stop request every this many steps
 LOG_FILE_PROGRESS_SECONDS = 10  # a progress bar into a file (not a terminal) prints this seldom
 

@@ -87,6 +87,9 @@ class NumpyLearner:
     def evaluate(self, data: tuple[np.ndarray, np.ndarray], final: bool = True) -> dict[str, Any]:
         return evaluate(self.model, *data, self.prep, self.cfg.eval_batch_size)
 
+    def lookahead(self, decay: float) -> None:
+        raise NotImplementedError("--lookahead is a torch trainer setting (its config refuses it here)")
+
     def step_metrics(self) -> dict[str, Any]:
         return {
             "grad_norms": {k: float(np.linalg.norm(g)) for k, g in self.model.grads.items() if g.ndim >= 2}
