@@ -530,6 +530,8 @@ class Batches:
     Epoch ``e`` visits the images in ``default_rng([seed, e]).permutation(n)`` order and
     drops the incomplete last batch; augmentation of step ``s`` draws from
     ``default_rng([seed, 1, s])``. No hidden state, so a resumed run sees the same batches.
+    (Step 0's stream [seed, 1, 0] is epoch 1's [seed, 1]: its crops share a stream with the
+    order, which is harmless and kept so that recorded runs stay reproducible.)
 
     With ``augment``, each image is cropped after reflect-padding by ``crop_pad`` and flipped:
     at random (``flip="random"``), or (``"alternate"``) at random in the first epoch and then
