@@ -101,12 +101,20 @@ ROUND2: list[tuple[str, list[str]]] = [
 
 # a third round (issue 13's 0.94): airbench94's remaining parts in the fast recipe, one at a time
 # and together, on validation over 3 seeds; then all of them on the test set over 5 seeds
-_FAST_PARTS = {
-    "base": [],
+_OFF = {
+    "lookahead": ["--lookahead", "0"],
+    "ends": ["--lr-start", "0", "--lr-end", "0"],
+    "biasdecay": ["--no-decay-biases"],
+}
+_ON = {
     "lookahead": ["--lookahead", "5"],
     "ends": ["--lr-start", "0.2", "--lr-end", "0.07"],
     "biasdecay": ["--decay-biases"],
-    "all": ["--lookahead", "5", "--lr-start", "0.2", "--lr-end", "0.07", "--decay-biases"],
+}
+_FAST_PARTS = {  # every part given explicitly, on or off, whatever the preset's defaults are
+    "base": [f for v in _OFF.values() for f in v],
+    **{part: [f for k in _ON for f in (_ON if k == part else _OFF)[k]] for part in _ON},
+    "all": [f for v in _ON.values() for f in v],
 }
 ROUND3: list[tuple[str, list[str]]] = [
     *[(f"val-fast-{part}-s{s}", ["fast", "--val-split", "5000", *flags, "--seed", str(s), *GPU])
