@@ -221,9 +221,10 @@ def load_cifar10(
         x_test, y_test = _read_batch(folder, TEST_BATCH, verify)
         x_train = _nhwc(np.concatenate([p[0] for p in parts]))
         y_train = np.concatenate([p[1] for p in parts])
-        _last_load = (key, (x_train, y_train, _nhwc(x_test), y_test)) if key is not None else None
-        if _last_load is None:
-            return x_train, y_train, _nhwc(x_test), y_test
+        loaded = (x_train, y_train, _nhwc(x_test), y_test)
+        _last_load = None if key is None else (key, loaded)
+        if key is None:
+            return loaded
     x_train, y_train, x_test, y_test = (a.copy() for a in _last_load[1])  # the cache stays unchanged
     return x_train, y_train, x_test, y_test
 

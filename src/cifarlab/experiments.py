@@ -18,7 +18,6 @@ from cifarlab.sweeps import activations, norms, table1
 
 BUDGETS = ("quick", "full")
 FIRST_SEED = 42
-IGNORED = BOOKKEEPING  # not compared when matching a run to an experiment
 
 
 @dataclass(frozen=True)
@@ -127,11 +126,11 @@ def expected_settings(exp: Experiment, budget: str, seed: int = FIRST_SEED) -> t
 
 def matches(config: dict, model: str, settings: dict) -> bool:
     """Does a run's config.json describe this model with these settings? The seed and the
-    settings that do not change the numbers (IGNORED) are not compared."""
+    settings that do not change the numbers (config.BOOKKEEPING) are not compared."""
     from cifarlab.sweeps.common import same_settings
 
     train = config.get("train")
     if settings.get("precision") == "auto" and isinstance(train, dict) and train.get("precision") == "fp32":
         # what auto computes in on a CPU without native bf16: a GPU run forced to fp32 counts
         config = {**config, "train": {**train, "precision": "auto"}}
-    return config.get("model") == model and same_settings(config, settings, IGNORED | {"seed"})
+    return config.get("model") == model and same_settings(config, settings, BOOKKEEPING | {"seed"})
