@@ -30,6 +30,7 @@ MODELS = {
     "mlp": ("best", {}),
     "convnet": ("best", {}),
     "efficientnet_lite0": ("finetune", {"pretrained": False, "image_size": 64}),
+    "fast": ("default", {}),
 }
 
 

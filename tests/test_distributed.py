@@ -46,6 +46,8 @@ def _env(**extra: str) -> dict[str, str]:
 
 def _train(root: Path, out: Path, *flags: str, nproc: int = 1) -> subprocess.CompletedProcess:
     """`cifarlab train mlp` on the synthetic data: in this process (nproc 1), or as a torchrun job."""
+    if "--precision" not in flags:  # never the machine's auto: fp32 unless a test asks otherwise
+        flags = (*flags, "--precision", "fp32")
     args = [
         "train",
         "mlp",
@@ -151,6 +153,7 @@ def test_autocast_really_runs_in_bf16(synthetic):
 
 def test_resume_in_another_precision_is_refused(synthetic, tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
+    monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: False)  # auto = fp32 at the start
     common = ["--data-dir", str(synthetic[0]), "--no-progress"]
     assert main(["train", "mlp", *TINY, "--max-steps", "3", *common, "--out", str(out)]) == 0
     capsys.readouterr()
@@ -213,6 +216,29 @@ def test_torchrun_sync_bn_equals_one_process(synthetic, tmp_path):
         _max_diff(_weights(one), _weights(unsynced)) > 1e-4
     )  # per-rank statistics differ: the test can fail
     assert json.loads((two / "config.json").read_text())["distributed"]["sync_bn"] is True
+
+
+# bf16 keeps 8 significant bits: each product it rounds is off by up to u = 2^-8 of its size.
+# Two ranks round other partial sums than one process (each rank's half-batch gradient is rounded
+# to bf16, then the halves are summed in fp32), so each step's update may differ by ~u of its
+# size, and the differences add up over the steps. Bound: steps * u * the largest weight change.
+BF16_U = 2.0**-8
+
+
+def test_torchrun_bf16_equals_one_process_within_bf16_rounding(synthetic, tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    flags = ("--norm", "batch", "--sync-bn", "--precision", "bf16")
+    r1 = _train(synthetic[0], one, *flags)
+    r2 = _train(synthetic[0], two, *flags, nproc=2)
+    assert r1.returncode == 0 and r2.returncode == 0, r2.stderr[-2000:]
+    cfg = RECIPES["mlp"].make_config(None, **json.loads((one / "config.json").read_text())["train"])
+    start = TorchLearner.create("mlp", cfg, Preprocess.fit("standard", load_cifar10(synthetic[0])[0])).weights()
+    w1, w2 = _weights(one), _weights(two)
+    moved = max(float(np.abs(w1[k] - v).max()) for k, v in start.items() if v.dtype.kind == "f")
+    steps = cfg.max_steps
+    diff = _max_diff(w1, w2)
+    assert diff <= steps * BF16_U * moved, (diff, moved)
+    assert json.loads((two / "config.json").read_text())["distributed"]["precision"] == "bf16"
 
 
 def test_torchrun_refuses_a_batch_the_ranks_cannot_split(synthetic, tmp_path):

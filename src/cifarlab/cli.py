@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 from cifarlab import __version__
 from cifarlab.config import ArgumentParser as _Parser
-from cifarlab.config import add_data_args, add_device_arg
+from cifarlab.config import PRECISIONS, add_data_args, add_device_arg
 from cifarlab.errors import CifarlabError, UsageError, reason
 
 SWEEPS: dict[str, tuple[str, str]] = {
@@ -95,6 +95,12 @@ def _build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="evaluate a run or checkpoint on the test set")
     e.add_argument("target", metavar="RUN_DIR|CHECKPOINT")
     e.add_argument("--out", metavar="DIR", help="where to write the report (default: the run directory)")
+    e.add_argument(
+        "--precision",
+        choices=PRECISIONS[1:],
+        help="compute in this precision instead of the run's own (default: the precision config.json "
+        "records, so the accuracy is the run's final one; fp32 for a bare checkpoint)",
+    )
     add_device_arg(e)
     add_data_args(e)
     pr = sub.add_parser("predict", help="top-3 classes for image files")

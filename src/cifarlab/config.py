@@ -31,6 +31,9 @@ OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
 ACTIVATIONS = ("elu", "relu", "tanh", "gelu")
 NUMPY_ACTIVATIONS = ("elu", "relu", "tanh")  # the NumPy MLP has no GELU
 NORMS = ("none", "batch", "layer")
+# --norm layer's implementation (cifarlab.layernorm): the autograd.Function with the hand-written
+# backward (its C kernel or eager ops: CIFARLAB_LAYERNORM), the autograd-derived module, or torch's
+LAYERNORMS = ("function", "autograd", "torch")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # see cifarlab.devices.resolve_precision
 # settings that change neither the weights nor the batches of a run: a resumed run may change
 # them, and runs that differ only in them are the same experiment
@@ -135,8 +138,8 @@ class TrainConfig:
     log_grad_norms: bool = setting(False, "log each weight's gradient norm per evaluation", torch_only=True)
     precision: str = setting(
         "auto",
-        "autocast precision (weights stay fp32); auto: bf16 on CUDA with bf16 and on CPUs with "
-        "native bf16 (AVX512-BF16/AMX), else fp32",
+        "autocast precision (weights stay fp32); auto: bf16 on CUDA with bf16 and, for the models it "
+        "speeds up there, on CPUs with native bf16 (AVX512-BF16/AMX); else fp32",
         choices=PRECISIONS,
         torch_only=True,
     )
@@ -190,6 +193,9 @@ class TrainConfig:
 
     torch_trainer = True  # False for configs of the NumPy trainer (no torch-only settings)
     parameter_size = 4  # bytes per parameter (float32)
+    # does bf16 autocast train this model faster on a CPU with native bf16? --precision auto
+    # picks bf16 there only if so (measured: benchmarks/bench_precision.py, docs/benchmarks.md)
+    cpu_bf16 = True
 
     def log_steps(self) -> int:
         """Steps between two metrics records: ``log_freq``, or for 0 about 100 records per run."""

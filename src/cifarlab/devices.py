@@ -5,8 +5,10 @@
 the checkpoints stay float32, only the matrix products and convolutions run in bf16/fp16
 (fp16 with a GradScaler, so small gradients do not underflow). ``auto`` picks bf16 where it
 is fast and safe: CUDA devices that support it, and CPUs with native bf16 instructions
-(AVX512-BF16 or AMX). On a CPU without them bf16 is emulated and slower than fp32
-(docs/benchmarks.md, "Precision"), so auto stays fp32 there, as it does on MPS.
+(AVX512-BF16 or AMX), for the models it speeds up there. On a CPU without them bf16 is
+emulated and slower than fp32 (docs/benchmarks.md, "Precision"), so auto stays fp32 there, as
+it does on MPS; and where a model trains slower in bf16 even on a native-bf16 CPU (the
+EfficientNets: depthwise convolutions), its config says ``cpu_bf16 = False`` and auto stays fp32.
 """
 
 from __future__ import annotations
@@ -72,13 +74,16 @@ def resolve_device(name: str = "auto", dist: Dist | None = None) -> torch.device
     return torch.device(name)
 
 
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """``auto`` made concrete for ``device`` (fp32, bf16 or fp16); an impossible one is refused."""
+def resolve_precision(precision: str, device: torch.device, cpu_bf16: bool = True) -> str:
+    """``auto`` made concrete for ``device`` (fp32, bf16 or fp16); an impossible one is refused.
+    ``cpu_bf16``: whether bf16 pays for this model on a CPU with native bf16 (a recipe's
+    ``TrainConfig.cpu_bf16``, from benchmarks/bench_precision.py); where it does not, auto
+    stays fp32 on every CPU."""
     if precision == "auto":
         if device.type == "cuda":
             return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
         if device.type == "cpu":
-            return "bf16" if cpu_has_native_bf16() else "fp32"
+            return "bf16" if cpu_bf16 and cpu_has_native_bf16() else "fp32"
         return "fp32"
     if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise UsageError(

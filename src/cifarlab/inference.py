@@ -7,9 +7,11 @@ arguments and the preprocessing statistics, so nothing else is needed to rebuild
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -19,7 +21,7 @@ from cifarlab.runs import atomic_write_json, check_writable_dir
 
 
 def load_classifier(
-    path: str | Path, device: str = "auto"
+    path: str | Path, device: str = "auto", precision: str = "fp32"
 ) -> tuple[Callable[[np.ndarray], np.ndarray], dict]:
     """A function uint8 NHWC images -> logits (N, 10), and the checkpoint's metadata.
 
@@ -38,18 +40,22 @@ def load_classifier(
 
         if device not in ("auto", "cpu"):
             raise UsageError(f"--device {device}: {ckpt.model} is a NumPy model; it runs on the CPU")
+        if precision != "fp32":
+            raise UsageError(f"--precision {precision}: {ckpt.model} is a NumPy model; it has no autocast")
 
         def logits(x: np.ndarray) -> np.ndarray:
             return model.logits(features(x, prep, model.dtype))
     else:
-        from cifarlab.devices import resolve_device
+        from cifarlab.devices import resolve_device, resolve_precision
         from cifarlab.train import logits_in_batches
 
         dev = resolve_device(device)
+        prec = resolve_precision(precision, dev)
         model.to(dev)
+        meta["precision"] = prec
 
         def logits(x: np.ndarray) -> np.ndarray:
-            return logits_in_batches(model, x, prep, 500, device=dev).numpy()
+            return logits_in_batches(model, x, prep, 500, device=dev, precision=prec).numpy()
 
     try:  # a checkpoint whose arguments build a model of another shape fails here, not later
         shape = logits(np.zeros((2, 32, 32, 3), np.uint8)).shape
@@ -74,31 +80,102 @@ def _report_folder(target: Path) -> Path:
     return folder.parent if folder.name in ("checkpoint", "checkpoint.old") else folder
 
 
+def _run_of(target: Path) -> Path | None:
+    """The run directory ``target`` is (or whose checkpoint folder it is), if it has a config.json."""
+    folder = target if target.is_dir() else None
+    if folder is not None and folder.name in ("checkpoint", "checkpoint.old"):
+        folder = folder.parent
+    return folder if folder is not None and (folder / "config.json").is_file() else None
+
+
+def evaluate_run(
+    run_dir: Path, device: str, precision: str | None, data_dir: str | None, verify: bool
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The run's final test evaluation made again from its checkpoint: the same learner
+    evaluation as training's (``Learner.evaluate``: same test images, evaluation batches,
+    test-time augmentation and precision as config.json records), so the accuracy equals the
+    summary's. ``precision`` overrides the recorded one. Returns (evaluation, what was used)."""
+    from cifarlab.checkpoints import build_model, load
+    from cifarlab.loop import saved_config
+    from cifarlab.recipes import RECIPES
+    from cifarlab.runs import RunDir
+
+    run = RunDir.open(run_dir)
+    saved = run.read_config()
+    recipe = RECIPES.get(saved.get("model", ""))
+    if recipe is None:
+        raise CheckpointError(f"{run.config_path}: unknown model {saved.get('model')!r}")
+    cfg = saved_config(recipe, run)
+    ckpt = load(run.checkpoint_dir)
+    if ckpt.model != recipe.name:
+        raise CheckpointError(f"{run.checkpoint_dir} holds {ckpt.model}, but {run.config_path} says {recipe.name}")
+    model = build_model(ckpt)
+    recorded = (saved.get("distributed") or {}).get("precision")
+    if recipe.framework == "numpy":
+        if device not in ("auto", "cpu"):
+            raise UsageError(f"--device {device}: {recipe.name} is a NumPy model; it runs on the CPU")
+        if precision is not None:
+            raise UsageError(f"--precision: {recipe.name} computes in its own --dtype ({recorded}); drop the flag")
+        from cifarlab.numpy_nn.train import NumpyLearner
+
+        learner: Any = NumpyLearner(model, cfg, ckpt.preprocess)
+    else:
+        from cifarlab.devices import resolve_device
+        from cifarlab.train import TorchLearner
+
+        # a run recorded before precision was recorded computed in fp32 (as --resume assumes)
+        cfg = dataclasses.replace(cfg, precision=precision or recorded or "fp32")
+        learner = TorchLearner(model, cfg, ckpt.preprocess, resolve_device(device))
+    _, _, x_test, y_test = load_cifar10(data_dir, verify=verify)
+    if cfg.test_images:
+        x_test, y_test = x_test[: cfg.test_images], y_test[: cfg.test_images]
+    ev = learner.evaluate(learner.put(x_test, y_test), final=True)
+    used = {
+        "model": recipe.name,
+        "checkpoint": str(ckpt.path),
+        "precision": learner.runtime()["precision"],
+        "recorded_precision": recorded,
+        "images": len(y_test),
+    }
+    return ev, used
+
+
 def eval_main(args: argparse.Namespace) -> int:
     from cifarlab.plots import plot_confusion
 
     target = Path(args.target)
     out = Path(args.out) if args.out else _report_folder(target)
     check_writable_dir(out, "--out")
-    logits_fn, meta = load_classifier(target, args.device)
-    _, _, x_test, y_test = load_cifar10(args.data_dir, verify=args.verify)
-    pred = logits_fn(x_test).argmax(1)
-    cm = np.zeros((10, 10), dtype=np.int64)
-    np.add.at(cm, (y_test, pred), 1)
-    per_class = cm.diagonal() / cm.sum(1)
-    acc = float((pred == y_test).mean())
+    run_dir = _run_of(target)
+    if run_dir is not None:
+        ev, meta = evaluate_run(run_dir, args.device, args.precision, args.data_dir, args.verify)
+        cm, acc, loss, n = ev["confusion"], ev["acc"], ev["loss"], meta["images"]
+    else:  # a bare checkpoint: its model on the whole test set, in fp32 (or --precision)
+        logits_fn, meta = load_classifier(target, args.device, args.precision or "fp32")
+        _, _, x_test, y_test = load_cifar10(args.data_dir, verify=args.verify)
+        pred = logits_fn(x_test).argmax(1)
+        cm = np.zeros((10, 10), dtype=np.int64)
+        np.add.at(cm, (y_test, pred), 1)
+        acc, loss, n = float((pred == y_test).mean()), None, len(y_test)
+    per_class = cm.diagonal() / np.maximum(cm.sum(1), 1)
     out.mkdir(parents=True, exist_ok=True)
     png = plot_confusion(cm, CLASSES, out / "confusion.png", f"{meta.get('model')}: test accuracy {acc:.4f}")
     atomic_write_json(
         out / "eval.json",
         {
             "test_accuracy": acc,
+            "test_loss": loss,
             "checkpoint": meta["checkpoint"],
+            "images": n,
+            "precision": meta.get("precision", "fp32"),
             "per_class_accuracy": dict(zip(CLASSES, per_class.tolist())),
             "confusion": cm.tolist(),
         },
     )
-    print(f"test accuracy {acc:.4f} on {len(y_test)} images ({meta.get('model')})")
+    how = meta.get("precision", "fp32")
+    if meta.get("recorded_precision") not in (None, how):
+        how += f", not the run's {meta['recorded_precision']} (--precision)"
+    print(f"test accuracy {acc:.4f} on {n} images ({meta.get('model')}, {how})")
     for c, a in zip(CLASSES, per_class):
         print(f"  {c:12s} {a:.3f}")
     print(f"confusion matrix: {png}")

@@ -22,6 +22,8 @@ For an input ``X`` of shape ``(..., M)`` every row (the last dimension) is norma
   :class:`LayerNormFunction`.
 
 All three accept any number of leading dimensions (a 1-D input is one row), float32 and float64,
+and bfloat16/float16 under torch's rule for norm layers (statistics in float32, γ and β may be
+float32, the output in the input's dtype; autocast does not reach inside),
 and match ``torch.nn.LayerNorm`` (checked to 1e-10 in float64 by ``tests/test_layernorm.py``).
 Neither the Function nor the modules call PyTorch's layer-norm kernels.
 """
@@ -106,6 +108,25 @@ def _load_kernel() -> ctypes.CDLL | None:
 
 
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
+# torch's rule for norm layers in mixed precision, which all three implementations follow: a
+# bfloat16/float16 input is normalised with float32 statistics (its mean and variance would lose
+# digits in 8 or 11 bits of mantissa), γ and β may stay float32 (the master weights), and the
+# output comes back in the input's dtype. Autocast is switched off inside, so no product of
+# the backward pass is silently lowered to bf16 either.
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def _no_autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """Autocast off for ``device``'s type (what ``torch.amp.custom_fwd(cast_inputs=...)`` does
+    for one device type; these layers serve every device)."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a layer norm of ``x`` computes in: float32 for bf16/fp16, else x's own."""
+    return torch.float32 if x.dtype in LOW_PRECISION else x.dtype
 _KERNEL_STATUS = {1: "could not allocate its scratch memory", 2: "rejected its arguments"}
 
 
@@ -129,9 +150,10 @@ def _check_arguments(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor) -
                 f"LayerNormFunction expected {name} of shape ({m},) to match the input's "
                 f"last dimension but got {tuple(p.shape)}"
             )
-        if p.dtype != x.dtype:
+        if p.dtype != x.dtype and not (x.dtype in LOW_PRECISION and p.dtype == torch.float32):
             raise _DtypeMismatchError(
-                f"LayerNormFunction expected {name} of dtype {x.dtype} (the input's) but got {p.dtype}"
+                f"LayerNormFunction expected {name} of dtype {x.dtype} (the input's"
+                f"{', or float32' if x.dtype in LOW_PRECISION else ''}) but got {p.dtype}"
             )
         if p.device != x.device:
             raise ValueError(
@@ -270,7 +292,9 @@ class LayerNormFunction(torch.autograd.Function):
     """Layer norm over the last dimension with a hand-written backward pass.
 
     Call as ``LayerNormFunction.apply(x, gamma, beta, eps=1e-5)`` with ``x`` of shape
-    ``(..., M)`` and ``gamma``, ``beta`` of shape ``(M,)`` (same dtype and device as ``x``).
+    ``(..., M)`` and ``gamma``, ``beta`` of shape ``(M,)`` (same dtype and device as ``x``;
+    float32 is also accepted for a bfloat16/float16 ``x``, whose statistics are then computed in
+    float32 and whose output is cast back to its dtype, as ``torch.nn.LayerNorm`` does).
     Returns ``Y = gamma ∘ X̂ + beta`` of the shape of ``x``.
 
     Arguments are checked on both backends: a 0-d ``x``, ``gamma``/``beta`` not of shape
@@ -322,35 +346,48 @@ class LayerNormFunction(torch.autograd.Function):
         eps: float = 1e-5,
     ) -> torch.Tensor:
         _check_arguments(x, gamma, beta)
+        ctx.dtypes = (x.dtype, gamma.dtype, beta.dtype)  # what each gradient is returned in
+        dt = compute_dtype(x)
+        with _no_autocast(x.device):
+            y, xhat, rstd = LayerNormFunction._forward(ctx, x.to(dt), gamma.to(dt), beta.to(dt), eps)
+        ctx.save_for_backward(xhat, rstd, gamma.to(dt))
+        return y.to(x.dtype)
+
+    @staticmethod
+    def _forward(ctx, x, gamma, beta, eps):
+        """(Y, X̂, 1/σ̂) of ``x`` in its own (float32 or float64) dtype, by kernel or eager ops."""
         m = x.shape[-1]
         lib = _kernel_for(x)
         ctx.kernel = lib
         if lib is not None:
-            y, xhat, rstd = _kernel_forward(lib, x, gamma, beta, eps)
-            ctx.save_for_backward(xhat, rstd, gamma)
-            return y
+            return _kernel_forward(lib, x, gamma, beta, eps)
         mean = x.mean(-1, keepdim=True)
         xhat = torch.sub(x, mean)  # x − μ, the one fresh (..., M) buffer kept for backward
         # σ² + ε = ‖x − μ‖² / M + ε (two-pass, so no cancellation for rows with a large mean)
         rstd = torch.linalg.vector_norm(xhat, dim=-1, keepdim=True)
         rstd = rstd.square_().mul_(1.0 / m).add_(eps).rsqrt_()
         xhat.mul_(rstd)
-        y = torch.addcmul(beta, xhat, gamma)
-        ctx.save_for_backward(xhat, rstd, gamma)
-        return y
+        return torch.addcmul(beta, xhat, gamma), xhat, rstd
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_y: torch.Tensor):
         xhat, rstd, gamma = ctx.saved_tensors
-        need_x, need_gamma, need_beta = ctx.needs_input_grad[:3]
-        grad_x = grad_gamma = grad_beta = None
-        if not (need_x or need_gamma or need_beta):
+        need = ctx.needs_input_grad[:3]
+        if not any(need):
             return None, None, None, None
+        with _no_autocast(grad_y.device):
+            grads = LayerNormFunction._backward(ctx, grad_y.to(xhat.dtype), xhat, rstd, gamma, *need)
+        # each gradient in its input's dtype (bf16 x with float32 γ, β: dX bf16, dγ, dβ float32)
+        return (*(None if g is None else g.to(dt) for g, dt in zip(grads, ctx.dtypes)), None)
+
+    @staticmethod
+    def _backward(ctx, grad_y, xhat, rstd, gamma, need_x, need_gamma, need_beta):
+        """(dX, dγ, dβ) in X̂'s dtype, None for what is not needed."""
+        grad_x = grad_gamma = grad_beta = None
         lib = getattr(ctx, "kernel", None)
         if lib is not None:
-            grads = _kernel_backward(lib, grad_y, xhat, rstd, gamma, need_x, need_gamma, need_beta)
-            return (*grads, None)
+            return _kernel_backward(lib, grad_y, xhat, rstd, gamma, need_x, need_gamma, need_beta)
 
         m = xhat.shape[-1]
         dy = grad_y.reshape(-1, m)  # (N, M): all leading dims are "batch"
@@ -362,7 +399,7 @@ class LayerNormFunction(torch.autograd.Function):
         if need_beta:  # dβ = Σ_batch dY  (column sums as a (1, N) @ (N, M) product)
             grad_beta = torch.mm(ones, dy).view(m)
         if not (need_x or need_gamma):
-            return None, None, grad_beta, None
+            return None, None, grad_beta
 
         buf = torch.mul(dy, xh)  # dY ∘ X̂, the only fresh (N, M) tensor of the backward pass
         if need_gamma:  # dγ = Σ_batch dY ∘ X̂
@@ -378,7 +415,7 @@ class LayerNormFunction(torch.autograd.Function):
             buf.addcmul_(xh, neg_mean_dxhat_xhat)  #   − X̂ · mean(dX̂∘X̂)
             buf.mul_(rstd.reshape(-1, 1))  # · 1/σ̂
             grad_x = buf.view(xhat.shape)
-        return grad_x, grad_gamma, grad_beta, None
+        return grad_x, grad_gamma, grad_beta
 
 
 class _LayerNormModule(nn.Module):
@@ -402,11 +439,14 @@ class LayerNormAutograd(_LayerNormModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_last_dim(x, self.n_neurons)
-        mean = x.mean(dim=-1, keepdim=True)
-        centred = x - mean
-        var = (centred * centred).mean(dim=-1, keepdim=True)  # biased variance
-        xhat = centred / torch.sqrt(var + self.eps)
-        return self.weight * xhat + self.bias
+        dt = compute_dtype(x)  # float32 statistics for a bf16/fp16 input, as LayerNormFunction
+        with _no_autocast(x.device):
+            x32 = x.to(dt)
+            mean = x32.mean(dim=-1, keepdim=True)
+            centred = x32 - mean
+            var = (centred * centred).mean(dim=-1, keepdim=True)  # biased variance
+            xhat = centred / torch.sqrt(var + self.eps)
+            return (self.weight.to(dt) * xhat + self.bias.to(dt)).to(x.dtype)
 
 
 class LayerNormManual(_LayerNormModule):

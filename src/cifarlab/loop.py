@@ -502,6 +502,24 @@ def check_job(recipe: Recipe, cfg: TrainConfig, dist: Dist) -> None:
         )
 
 
+def saved_config(recipe: Recipe, run: RunDir) -> TrainConfig:
+    """The config a run was trained with, from its config.json (settings an older version did
+    not record take their defaults); a setting this version does not know is refused."""
+    saved = run.read_config()
+    train = saved.get("train")
+    if not isinstance(train, dict):
+        raise CheckpointError(f"{run.config_path}: no 'train' settings; was it written by another version?")
+    unknown = sorted(set(train) - {f.name for f in dataclasses.fields(recipe.config)})
+    if unknown:
+        raise CheckpointError(
+            f"{run.config_path}: unknown settings {unknown}; was it written by another version?"
+        )
+    try:
+        return dataclasses.replace(recipe.config(), **train)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{run.config_path}: unreadable settings ({reason(e)})") from None
+
+
 def resume_config(recipe: Recipe, args: argparse.Namespace, run: RunDir) -> TrainConfig:
     """The run's saved config, with the few changes a resume allows; anything else is refused."""
     saved = run.read_config()
@@ -510,12 +528,7 @@ def resume_config(recipe: Recipe, args: argparse.Namespace, run: RunDir) -> Trai
             f"{run.path} is a run of {saved.get('model')!r}, not {recipe.name}; "
             f"resume it with `cifarlab train {saved.get('model')} --resume {run.path}`"
         )
-    unknown = sorted(set(saved["train"]) - {f.name for f in dataclasses.fields(recipe.config)})
-    if unknown:
-        raise CheckpointError(
-            f"{run.config_path}: unknown settings {unknown}; was it written by another version?"
-        )
-    old = dataclasses.replace(recipe.config(), **saved["train"])
+    old = saved_config(recipe, run)
     if args.preset is not None and args.preset != saved.get("preset"):
         raise UsageError(f"--preset cannot change on --resume (the run used {saved.get('preset')!r})")
     changes = {k: v for k, v in given_flags(recipe.config, args).items() if v != getattr(old, k)}

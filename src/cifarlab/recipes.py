@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any
 
-from cifarlab.config import ACTIVATIONS, NORMS, NUMPY_ACTIVATIONS, TrainConfig, make_config, setting
+from cifarlab.config import ACTIVATIONS, LAYERNORMS, NORMS, NUMPY_ACTIVATIONS, TrainConfig, make_config, setting
 from cifarlab.errors import UsageError
 
 
@@ -30,6 +30,10 @@ class MLPConfig(TrainConfig):
     dnn_hidden_units: list[int] = setting([100], "hidden sizes, comma-separated ('' = none)", lo=1, hi=10**6)
     activation: str = setting("elu", "hidden activation", choices=ACTIVATIONS)
     norm: str = setting("none", "normalisation after each hidden Linear", choices=NORMS)
+    layernorm: str = setting(
+        "function", "--norm layer's implementation: the hand-written autograd.Function (C kernel where it "
+        "builds), the autograd-derived module, or torch.nn.LayerNorm", choices=LAYERNORMS,
+    )  # fmt: skip
     dropout: float = setting(0.0, "dropout after each hidden block", lo=0, hi=1, hi_open=True)
     norm_after_activation: bool = setting(
         False, "Linear -> activation -> norm (the seed's code) instead of norm first"
@@ -43,6 +47,8 @@ class MLPConfig(TrainConfig):
             "norm": None if self.norm == "none" else self.norm,
             "dropout": self.dropout,
             "norm_after_activation": self.norm_after_activation,
+            # only when not the default, so checkpoints from before the setting rebuild the same
+            **({"layernorm": self.layernorm} if self.layernorm != "function" else {}),
         }
 
     def parameter_count(self) -> int:
@@ -88,6 +94,10 @@ class TransferConfig(TrainConfig):
         0, "freeze the stem and the first N of the 7 stages (their backward pass is skipped)", lo=0, hi=7
     )
     dropout: float = setting(0.2, "dropout before the head", lo=0, hi=1, hi_open=True)
+
+    # bf16 trains EfficientNet-Lite0 at 0.63x fp32's speed on a CPU with native bf16 (its
+    # depthwise convolutions): --precision auto keeps fp32 on CPUs (docs/benchmarks.md)
+    cpu_bf16 = False
 
     def model_kwargs(self) -> dict[str, Any]:
         kwargs = {
@@ -140,6 +150,9 @@ class VGGConfig(TrainConfig):
     pretrained: bool = setting(True, "start from torchvision's ImageNet weights")
     weights: str = setting("", "the ImageNet .pth file (default: downloaded once into ~/.cache/cifarlab)")
     dropout: float = setting(0.5, "dropout in the classifier", lo=0, hi=1, hi_open=True)
+
+    # not measured on a native-bf16 CPU (its benchmark needs torchvision): fp32 until it is
+    cpu_bf16 = False
 
     def model_kwargs(self) -> dict[str, Any]:
         return {"pretrained": self.pretrained, "weights": self.weights or None, "dropout": self.dropout}

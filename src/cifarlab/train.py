@@ -121,7 +121,7 @@ class TorchLearner:
             torch.set_num_threads(cfg.threads)  # else torch's default: OMP_NUM_THREADS or the cores
         self.cfg, self.prep, self.dist = cfg, prep, dist or Dist()
         self.device = device or torch.device("cpu")
-        self.precision = resolve_precision(cfg.precision, self.device)
+        self.precision = resolve_precision(cfg.precision, self.device, cfg.cpu_bf16)
         self.backend = distributed.init(self.dist, self.device.type) if self.dist.active else None
         if self.dist.active and cfg.sync_bn:
             model = sync_batchnorm.convert(model, self.device.type)

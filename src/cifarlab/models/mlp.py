@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from cifarlab.config import NORMS
+from cifarlab.config import LAYERNORMS, NORMS
 from cifarlab.registry import register_model
 
 __all__ = ["ACTIVATION_LAYERS", "MLP", "mlp"]
@@ -22,22 +22,23 @@ ACTIVATION_LAYERS: dict[str, type[nn.Module]] = {
 }
 
 
-def _layer_norm(n: int) -> nn.Module:
-    """The project's hand-written layer norm if available, else ``nn.LayerNorm``."""
-    try:
-        from cifarlab.layernorm import LayerNormManual
-    except ImportError:
-        return nn.LayerNorm(n)
-    return LayerNormManual(n)
+def _layer_norm(n: int, impl: str) -> nn.Module:
+    """A layer norm over ``n`` features, by ``impl`` (one of cifarlab.config.LAYERNORMS)."""
+    from cifarlab.layernorm import LayerNormAutograd, LayerNormManual
+
+    layers = {"function": LayerNormManual, "autograd": LayerNormAutograd, "torch": nn.LayerNorm}
+    if impl not in layers:
+        raise ValueError(f"unknown layernorm {impl!r}; expected one of {LAYERNORMS}")
+    return layers[impl](n)
 
 
-def _make_norm(norm: str | None, n: int) -> nn.Module | None:
+def _make_norm(norm: str | None, n: int, layernorm: str = "function") -> nn.Module | None:
     if norm in (None, "none"):
         return None
     if norm == "batch":
         return nn.BatchNorm1d(n)
     if norm == "layer":
-        return _layer_norm(n)
+        return _layer_norm(n, layernorm)
     raise ValueError(f"unknown norm {norm!r}; expected one of {NORMS}")
 
 
@@ -53,10 +54,12 @@ class MLP(nn.Module):
         n_hidden: widths of the hidden layers; may be empty.
         num_classes: number of output logits.
         activation: one of ``'elu'``, ``'relu'``, ``'tanh'``, ``'gelu'``.
-        norm: ``None``, ``'batch'`` (``BatchNorm1d``) or ``'layer'``
-            (``cifarlab.layernorm.LayerNormManual``, falling back to ``nn.LayerNorm``).
+        norm: ``None``, ``'batch'`` (``BatchNorm1d``) or ``'layer'`` (see ``layernorm``).
         dropout: dropout probability after each hidden activation (0 disables it).
         norm_after_activation: ``Linear -> activation -> norm`` instead (the seed's order).
+        layernorm: the layer norm of ``norm='layer'``: ``'function'``
+            (``cifarlab.layernorm.LayerNormManual``), ``'autograd'`` (``LayerNormAutograd``)
+            or ``'torch'`` (``nn.LayerNorm``).
     """
 
     def __init__(
@@ -68,6 +71,7 @@ class MLP(nn.Module):
         norm: str | None = None,
         dropout: float = 0.0,
         norm_after_activation: bool = False,
+        layernorm: str = "function",
     ) -> None:
         super().__init__()
         if activation not in ACTIVATION_LAYERS:
@@ -90,7 +94,7 @@ class MLP(nn.Module):
         width = self.n_inputs
         for h in self.n_hidden:
             layers: OrderedDict[str, nn.Module] = OrderedDict(linear=nn.Linear(width, h))
-            norm_layer = _make_norm(norm, h)
+            norm_layer = _make_norm(norm, h, layernorm)
             if norm_after_activation:
                 layers["act"] = ACTIVATION_LAYERS[activation]()
             if norm_layer is not None:
@@ -124,6 +128,9 @@ def mlp(
     norm: str | None = None,
     dropout: float = 0.0,
     norm_after_activation: bool = False,
+    layernorm: str = "function",
 ) -> MLP:
     """MLP on flattened images (default: one hidden layer of 100 ELU units)."""
-    return MLP(n_inputs, list(n_hidden), num_classes, activation, norm, dropout, norm_after_activation)
+    return MLP(
+        n_inputs, list(n_hidden), num_classes, activation, norm, dropout, norm_after_activation, layernorm
+    )
