@@ -232,7 +232,9 @@ def test_torchrun_bf16_equals_one_process_within_bf16_rounding(synthetic, tmp_pa
     r2 = _train(synthetic[0], two, *flags, nproc=2)
     assert r1.returncode == 0 and r2.returncode == 0, r2.stderr[-2000:]
     cfg = RECIPES["mlp"].make_config(None, **json.loads((one / "config.json").read_text())["train"])
-    start = TorchLearner.create("mlp", cfg, Preprocess.fit("standard", load_cifar10(synthetic[0])[0])).weights()
+    start = TorchLearner.create(
+        "mlp", cfg, Preprocess.fit("standard", load_cifar10(synthetic[0])[0])
+    ).weights()
     w1, w2 = _weights(one), _weights(two)
     moved = max(float(np.abs(w1[k] - v).max()) for k, v in start.items() if v.dtype.kind == "f")
     steps = cfg.max_steps

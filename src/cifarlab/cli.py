@@ -14,8 +14,8 @@ import sys
 from collections.abc import Sequence
 
 from cifarlab import __version__
-from cifarlab.config import ArgumentParser as _Parser
 from cifarlab.config import PRECISIONS, add_data_args, add_device_arg
+from cifarlab.config import ArgumentParser as _Parser
 from cifarlab.errors import CifarlabError, UsageError, reason
 
 SWEEPS: dict[str, tuple[str, str]] = {

@@ -108,14 +108,18 @@ def evaluate_run(
     cfg = saved_config(recipe, run)
     ckpt = load(run.checkpoint_dir)
     if ckpt.model != recipe.name:
-        raise CheckpointError(f"{run.checkpoint_dir} holds {ckpt.model}, but {run.config_path} says {recipe.name}")
+        raise CheckpointError(
+            f"{run.checkpoint_dir} holds {ckpt.model}, but {run.config_path} says {recipe.name}"
+        )
     model = build_model(ckpt)
     recorded = (saved.get("distributed") or {}).get("precision")
     if recipe.framework == "numpy":
         if device not in ("auto", "cpu"):
             raise UsageError(f"--device {device}: {recipe.name} is a NumPy model; it runs on the CPU")
         if precision is not None:
-            raise UsageError(f"--precision: {recipe.name} computes in its own --dtype ({recorded}); drop the flag")
+            raise UsageError(
+                f"--precision: {recipe.name} computes in its own --dtype ({recorded}); drop the flag"
+            )
         from cifarlab.numpy_nn.train import NumpyLearner
 
         learner: Any = NumpyLearner(model, cfg, ckpt.preprocess)

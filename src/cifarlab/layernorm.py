@@ -127,6 +127,8 @@ def _no_autocast(device: torch.device) -> contextlib.AbstractContextManager:
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype a layer norm of ``x`` computes in: float32 for bf16/fp16, else x's own."""
     return torch.float32 if x.dtype in LOW_PRECISION else x.dtype
+
+
 _KERNEL_STATUS = {1: "could not allocate its scratch memory", 2: "rejected its arguments"}
 
 

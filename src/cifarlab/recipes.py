@@ -13,7 +13,15 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any
 
-from cifarlab.config import ACTIVATIONS, LAYERNORMS, NORMS, NUMPY_ACTIVATIONS, TrainConfig, make_config, setting
+from cifarlab.config import (
+    ACTIVATIONS,
+    LAYERNORMS,
+    NORMS,
+    NUMPY_ACTIVATIONS,
+    TrainConfig,
+    make_config,
+    setting,
+)
 from cifarlab.errors import UsageError
 
 
