@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 
 import numpy as np
@@ -50,6 +51,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     m = machine(torch.get_num_threads())
+    print(
+        "command: python benchmarks/bench_precision.py "
+        + " ".join(argv if argv is not None else sys.argv[1:])
+    )
     print(f"CPU: {m['cpu']}, {m['cores']} cores, torch threads {m['threads']}, isa {m.get('isa')}")
     print(f"torch {torch.__version__}; {args.blocks} alternating blocks of {args.block} steps per precision")
     rng = np.random.default_rng(0)

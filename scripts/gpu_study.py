@@ -10,8 +10,8 @@ and CPU-only jobs (the NumPy MLP) use the machine's cores alongside. Jobs start 
 listed (most important first); none starts after ``--deadline`` seconds, and any still running
 at ``--deadline + --grace`` is stopped, so the results come back in time. Every run directory,
 without its checkpoint, goes into DIR/runs/, and DIR/study.md gets one row per job.
-Rounds 1 and 2 ran (results/gpu/); round 3, the fast recipe's Lookahead / schedule-end / bias-decay
-ablation, is ready for the next GPU session.
+Rounds 1 and 2 ran (results/gpu/); round 4 (the fast recipe's airbench94 parts: round 3's
+Lookahead / schedule ends / bias decay, the 23 % peak and the whitening-bias freeze) replaces round 3.
 """
 
 from __future__ import annotations
@@ -121,7 +121,27 @@ ROUND3: list[tuple[str, list[str]]] = [
       for s in range(3) for part, flags in _FAST_PARTS.items()],
     *[(f"fast-all-s{s}", ["fast", *_FAST_PARTS["all"], "--seed", str(s), *GPU]) for s in range(5)],
 ]  # fmt: skip
-ROUNDS = {1: JOBS, 2: ROUND2, 3: ROUND3}
+# a fourth round (issue 24): round 3's parts together, then airbench94's peak at 23 % of the steps,
+# then the whitening bias frozen after 3 epochs, each added to the last, on validation over 3 seeds
+# (evaluated once, at the end); the two candidates over 6 seeds on the test set, and the full one
+# in bf16 over the same first 3 seeds (does bf16 lose accuracy against fp32?)
+_ALL = _FAST_PARTS["all"]
+_STEPS4 = {
+    "base": _FAST_PARTS["base"],
+    "all": _ALL,
+    "peak": [*_ALL, "--lr-peak", "0.23"],
+    "wb3": [*_ALL, "--lr-peak", "0.23", "--whiten-bias-epochs", "3"],
+}
+ROUND4: list[tuple[str, list[str]]] = [
+    *[(f"val-fast4-{part}-s{s}", ["fast", "--val-split", "5000", *flags, "--eval-freq", "100000",
+                                  "--seed", str(s), *GPU])
+      for s in range(3) for part, flags in _STEPS4.items()],
+    *[(f"fast4-{part}-s{s}", ["fast", *_STEPS4[part], "--seed", str(s), *GPU])
+      for s in range(6) for part in ("wb3", "all")],
+    *[(f"fast4-wb3-bf16-s{s}", ["fast", *_STEPS4["wb3"], "--seed", str(s), "--device", DEVICE,
+                                "--precision", "bf16"]) for s in range(3)],
+]  # fmt: skip
+ROUNDS = {1: JOBS, 2: ROUND2, 3: ROUND3, 4: ROUND4}
 
 
 def main() -> int:

@@ -208,3 +208,27 @@ def test_interim_evaluations_use_the_cheaper_tta_level(monkeypatch):
     assert calls == [10] and model.tta == 2  # one view, and the level is restored
     learner.evaluate(data)
     assert calls[1:] == [10] * 6  # the final evaluation: all six views
+
+
+def test_whitening_bias_freezes_after_its_epochs_and_gets_no_gradient(synthetic):
+    """--whiten-bias-epochs 1: the bias learns in epoch 1, and from epoch 2 on no gradient
+    reaches the whitening layer (autograd builds no backward pass for it)."""
+    from cifarlab.data import Batches, Preprocess, load_cifar10
+    from cifarlab.recipes import RECIPES
+    from cifarlab.train import TorchLearner
+
+    d = load_cifar10(synthetic[0])
+    cfg = RECIPES["fast"].make_config(
+        None, widths=[8, 8, 8], batch_size=50, whiten_bias_epochs=1, precision="fp32", channels_last=False
+    )
+    learner = TorchLearner.create("fast", cfg, Preprocess.fit(cfg.preprocess, d[0]), "cpu", x_train=d[0])
+    batches, data = Batches(d[0], d[1], 50, seed=0), learner.put(d[0], d[1])
+    whiten = learner.model.whiten
+    learner.step(data, batches.plan(0), 0.1, batches.epoch_of(0))
+    assert whiten.bias.grad is not None and whiten.bias.grad.abs().sum() > 0  # epoch 1: it learns
+    before = whiten.bias.detach().clone()
+    learner.step(data, batches.plan(2), 0.1, batches.epoch_of(2))  # epoch 2
+    assert whiten.bias.grad is None and whiten.weight.grad is None
+    torch.testing.assert_close(whiten.bias.detach(), before, rtol=0, atol=0)
+    x = learner.inputs(data.x[:4])
+    assert not whiten(x).requires_grad  # no backward node: the pass is really skipped

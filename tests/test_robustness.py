@@ -566,10 +566,19 @@ def _umask() -> int:
     return mask
 
 
-def test_debug_is_a_flag_of_cifarlab_itself(synthetic, capsys):
-    fails(["train", "mlp", "--debug", "--max-steps", "0"], capsys, "unrecognized arguments: --debug")
-    with pytest.raises(Exception, match="--max-steps must be in"):
-        main(["--debug", "train", "mlp", "--max-steps", "0"])
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_debug_works_before_and_after_the_command(synthetic, capsys, where):
+    fails(["train", "mlp", "--max-steps", "0"], capsys, "--max-steps must be in")  # one line without it
+    argv = ["train", "mlp", "--max-steps", "0"]
+    with pytest.raises(Exception, match="--max-steps must be in"):  # the exception itself with it
+        main(["--debug", *argv] if where == "before" else [*argv, "--debug"])
+
+
+def test_debug_is_listed_in_every_help(capsys):
+    for argv in (["--help"], ["train", "mlp", "--help"], ["eval", "--help"], ["reproduce", "--help"]):
+        with pytest.raises(SystemExit):
+            main(argv)
+        assert "--debug" in capsys.readouterr().out, argv
 
 
 def test_sweep_extra_is_checked_for_every_job(synthetic, tmp_path, capsys):

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from cifarlab import __version__
 from cifarlab.config import PRECISIONS, add_data_args, add_device_arg
 from cifarlab.config import ArgumentParser as _Parser
-from cifarlab.errors import CifarlabError, UsageError, reason
+from cifarlab.errors import CifarlabError, UsageError, reason, unexpected
 
 SWEEPS: dict[str, tuple[str, str]] = {
     "table1": ("cifarlab.sweeps.table1", "the seed's Table 1: seven PyTorch MLP configurations"),
@@ -51,7 +51,6 @@ def _build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="cifarlab", description=__doc__.splitlines()[0] if __doc__ else None)
     p.description = "Neural networks on CIFAR-10: NumPy backprop, PyTorch MLPs, ConvNets."
     p.add_argument("--version", action="version", version=f"cifarlab {__version__}")
-    p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     data = sub.add_parser("data", help="download, verify or describe CIFAR-10")
@@ -173,8 +172,10 @@ def _data_command(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    # --debug is a flag of `cifarlab` itself: only before the command counts
-    debug = "--debug" in argv[: next((i for i, a in enumerate(argv) if not a.startswith("-")), len(argv))]
+    # --debug counts anywhere (`cifarlab --debug train ...` and `cifarlab train ... --debug`);
+    # it is taken out here, so that no subcommand's parser has to know it
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
 
     try:
         if argv[:1] in (["train"], ["sweep"]) and (len(argv) == 1 or argv[1] in ("-h", "--help")):
@@ -198,6 +199,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"cifarlab: {_rank()}error: {reason(e, 2000)}", file=sys.stderr)
         return 2
+    except Exception as e:  # an error nobody expected (a bug): still one line, the traceback on --debug
+        if debug:
+            raise
+        print(
+            f"cifarlab: {_rank()}error: {unexpected(e, 2000)} (an unexpected error: rerun with --debug for the "
+            "traceback, and report it)",
+            file=sys.stderr,
+        )
+        return 1
     except KeyboardInterrupt as e:
         print(f"cifarlab: {_rank()}interrupted{': ' + str(e) if str(e) else ''}", file=sys.stderr)
         return 130

@@ -97,6 +97,10 @@ class TrainConfig:
     lr_end: float = setting(
         0.0, "onecycle: the rate its fall heads for, as a fraction of the peak", lo=0, hi=1
     )
+    lr_peak: float = setting(
+        0.25, "onecycle: the fraction of the steps its rise takes (the peak's place)", lo=0, hi=1,
+        lo_open=True, hi_open=True,
+    )  # fmt: skip
     lookahead: int = setting(
         0, "every N steps pull the weights to a slow average of themselves (Lookahead/EMA, rising over the "
         "run; the final weights are the average); 0: off", lo=0, hi=10**6, torch_only=True,
@@ -172,9 +176,9 @@ class TrainConfig:
                     )
             if f.metadata.get("torch_only") and not self.torch_trainer and value != f.default:
                 raise UsageError(f"{flag(f.name)} is a torch trainer setting; the NumPy trainer has none")
-        if self.schedule != "onecycle" and (self.lr_start or self.lr_end):
+        if self.schedule != "onecycle" and (self.lr_start or self.lr_end or self.lr_peak != 0.25):
             raise UsageError(
-                f"--lr-start and --lr-end are the ends of --schedule onecycle, not {self.schedule}"
+                f"--lr-start, --lr-end and --lr-peak shape --schedule onecycle, not {self.schedule}"
             )
         if self.schedule == "onecycle" and self.warmup_steps:
             raise UsageError("--schedule onecycle has its own warm-up (its first 25%): drop --warmup-steps")
@@ -209,6 +213,16 @@ class TrainConfig:
         """The model's parameter count when it follows from the config alone (else None)."""
         return None
 
+    def before_step(self, model: Any, epoch: float) -> None:
+        """Called before every training step with the epochs done so far (a fraction); recipes
+        override it to change what trains as the run goes on (a function of the epoch alone,
+        so a resumed run does the same)."""
+
+    def changes_trainable(self) -> bool:
+        """Does ``before_step`` freeze parameters during the run? (DDP must then look for
+        parameters that stopped taking part.)"""
+        return False
+
     def evaluating(self, model: Any, final: bool) -> contextlib.AbstractContextManager:
         """The context the trainer evaluates ``model`` in; ``final`` marks a run's last
         evaluation. Recipes override it to make the evaluations before the last cheaper."""
@@ -238,7 +252,17 @@ def _interval(lo: float | None, hi: float | None, lo_open: bool, hi_open: bool) 
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse that raises UsageError instead of exiting: every usage error is one line, exit 2."""
+    """argparse that raises UsageError instead of exiting: every usage error is one line, exit 2.
+    Every command lists ``--debug`` (``cifarlab.cli.main`` takes it anywhere on the line)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if self.add_help:
+            self.add_argument(
+                "--debug",
+                action="store_true",
+                help="show the full traceback of an error (anywhere on the line)",
+            )
 
     def error(self, message: str) -> None:  # type: ignore[override]
         raise UsageError(f"{message} (see `{self.prog} --help`)")

@@ -37,3 +37,14 @@ class DistributedError(CifarlabError):
 def reason(e: BaseException, limit: int = 300) -> str:
     """An exception's message on one line (for the end of a one-line error)."""
     return " ".join(str(e).split())[:limit] or type(e).__name__
+
+
+def public_name(e: BaseException) -> str:
+    """The name of the first public class of ``e`` (``_DtypeMismatchError`` -> ``ValueError``):
+    a user reads what kind of error it was, never a private class of ours."""
+    return next(c.__name__ for c in type(e).__mro__ if not c.__name__.startswith("_"))
+
+
+def unexpected(e: BaseException, limit: int = 300) -> str:
+    """One line for an error cifarlab did not expect (a bug, or a library's own failure)."""
+    return f"{public_name(e)}: {reason(e, limit)}"

@@ -125,12 +125,11 @@ def expected_settings(exp: Experiment, budget: str, seed: int = FIRST_SEED) -> t
 
 
 def matches(config: dict, model: str, settings: dict) -> bool:
-    """Does a run's config.json describe this model with these settings? The seed and the
+    """Does a run's config.json describe this model with these settings? The seed, the
+    precision (how it computed, like the device: the report shows it beside the run) and the
     settings that do not change the numbers (config.BOOKKEEPING) are not compared."""
     from cifarlab.sweeps.common import same_settings
 
-    train = config.get("train")
-    if settings.get("precision") == "auto" and isinstance(train, dict) and train.get("precision") == "fp32":
-        # what auto computes in on a CPU without native bf16: a GPU run forced to fp32 counts
-        config = {**config, "train": {**train, "precision": "auto"}}
-    return config.get("model") == model and same_settings(config, settings, BOOKKEEPING | {"seed"})
+    return config.get("model") == model and same_settings(
+        config, settings, BOOKKEEPING | {"seed", "precision"}
+    )

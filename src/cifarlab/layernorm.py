@@ -378,8 +378,11 @@ class LayerNormFunction(torch.autograd.Function):
         need = ctx.needs_input_grad[:3]
         if not any(need):
             return None, None, None, None
+        # dY comes in Y's dtype (the input's): a bf16/fp16 one is computed with in float32; any
+        # other dtype is left as it is, for the checks below to refuse
+        dy = grad_y.to(xhat.dtype) if grad_y.dtype == ctx.dtypes[0] else grad_y
         with _no_autocast(grad_y.device):
-            grads = LayerNormFunction._backward(ctx, grad_y.to(xhat.dtype), xhat, rstd, gamma, *need)
+            grads = LayerNormFunction._backward(ctx, dy, xhat, rstd, gamma, *need)
         # each gradient in its input's dtype (bf16 x with float32 γ, β: dX bf16, dγ, dβ float32)
         return (*(None if g is None else g.to(dt) for g, dt in zip(grads, ctx.dtypes)), None)
 

@@ -123,9 +123,10 @@ class Learner(Protocol):
     def put(self, x: np.ndarray, y: np.ndarray) -> Any:
         """uint8 NHWC images and their labels, moved where the learner computes (once)."""
 
-    def step(self, data: Any, batch: Batch, lr: float) -> None:
+    def step(self, data: Any, batch: Batch, lr: float, epoch: float = 0.0) -> None:
         """One optimizer step on ``batch`` of ``data`` (from :meth:`put`) at learning rate
-        ``lr``, adding to the running loss and correct-count sums (no host sync needed)."""
+        ``lr``, adding to the running loss and correct-count sums (no host sync needed);
+        ``epoch`` (epochs done) goes to the config's ``before_step`` first."""
 
     def take_running(self) -> tuple[float, int]:
         """The loss sum and correct count since the last call (over all ranks), reset to 0."""
@@ -312,7 +313,7 @@ def fit(
     with _StopRequested() as stop, bar, board or contextlib.nullcontext():
         for step in range(first_step, cfg.max_steps):
             lr = lr_at(cfg, step)
-            learner.step(train_data, batches.plan(step), lr)
+            learner.step(train_data, batches.plan(step), lr, batches.epoch_of(step))
             state.step, state.seen = step + 1, state.seen + cfg.batch_size
             decay = lookahead_decay(cfg, state.step)
             if decay is not None:

@@ -128,6 +128,10 @@ class FastConfig(TrainConfig):
     interim_tta: int = setting(
         0, "--tta level of the evaluations before the last (6 views cost 6x; the last uses --tta)", lo=0, hi=2
     )
+    whiten_bias_epochs: float = setting(
+        0.0, "train the whitening layer's bias for this many epochs, then freeze it (its backward pass is "
+        "skipped from then on); 0: it trains all run", lo=0, hi=10**6,
+    )  # fmt: skip
 
     def validate(self) -> None:
         super().validate()
@@ -140,6 +144,15 @@ class FastConfig(TrainConfig):
 
     def model_kwargs(self) -> dict[str, Any]:
         return {"widths": list(self.widths), "tta": self.tta}
+
+    def before_step(self, model: Any, epoch: float) -> None:
+        """After ``whiten_bias_epochs`` the whitening layer has nothing left to learn: with its
+        bias frozen too (its filters always are), autograd no longer builds its backward pass."""
+        if self.whiten_bias_epochs and epoch >= self.whiten_bias_epochs:
+            model.whiten.bias.requires_grad_(False)
+
+    def changes_trainable(self) -> bool:
+        return self.whiten_bias_epochs > 0
 
     @contextmanager
     def evaluating(self, model: Any, final: bool) -> Iterator[None]:

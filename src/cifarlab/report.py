@@ -174,6 +174,12 @@ def _machine(config: dict[str, Any]) -> str:
     )
 
 
+def _precisions(runs: list) -> str:
+    """The precision(s) the runs computed in, as config.json records it once resolved."""
+    seen = sorted({str((r.config.get("distributed") or {}).get("precision", "not recorded")) for r in runs})
+    return "precision " + "/".join(seen)
+
+
 def _mean_std(values: list[float]) -> str:
     if len(values) == 1:
         return f"{values[0]:.4f} (1 run)"
@@ -183,10 +189,10 @@ def _mean_std(values: list[float]) -> str:
 class Report:
     """Builds the blocks of the report from the runs found; writes figures into ``figures``."""
 
-    def __init__(self, found: Found, out: Path) -> None:
+    def __init__(self, found: Found, out: Path, failed: dict[str, Path] | None = None) -> None:
         from cifarlab.experiments import catalogue
 
-        self.found, self.out = found, out
+        self.found, self.out, self.failed = found, out, failed or {}
         self.figures = out / "figures"
         self.blocks: list[Block] = []
         self.experiments = catalogue()
@@ -225,15 +231,18 @@ class Report:
         for exp in exps:
             budget, runs = self.runs_of(exp)
             seed = [f"{exp.seed_result:.4f}" if exp.seed_result is not None else "—"] if with_seed else []
+            failed = (
+                f"**failed** (log: {self.link(self.failed[exp.name])})" if exp.name in self.failed else ""
+            )
             if not runs:
-                rows.append([exp.label, *seed, "**missing**", "", "", "", f"`{exp.shell('full')}`"])
+                rows.append([exp.label, *seed, failed or "**missing**", "", "", "", f"`{exp.shell('full')}`"])
                 continue
             acc = [r.summary["test_accuracy"] for r in runs]
             wall = statistics.mean(r.summary.get("wall_seconds", float("nan")) for r in runs)
             tag = " — quick budget" if budget == "quick" else ""
             rows.append([
-                exp.label, *seed, f"**{_mean_std(acc)}**{tag}", str(runs[0].summary.get("steps", "?")),
-                f"{wall:.0f} s ({_machine(runs[0].config)})", ", ".join(self.link(r.path) for r in runs),
+                exp.label, *seed, f"**{_mean_std(acc)}**{tag}" + (f"; a run {failed}" if failed else ""), str(runs[0].summary.get("steps", "?")),
+                f"{wall:.0f} s ({_machine(runs[0].config)}; {_precisions(runs)})", ", ".join(self.link(r.path) for r in runs),
                 f"`{exp.shell(budget)}`",
             ])  # fmt: skip
         return rows
@@ -464,8 +473,11 @@ def layernorm_speed_rows(shape: tuple[int, int] = (512, 1024), repeats: int = 20
 # --------------------------------------------------------------------------- main
 
 
-def write_report(paths: list[Path], out: Path) -> tuple[Path, Path, Found]:
-    """Find the runs under ``paths`` and write ``out``/index.html and REPORT.md."""
+def write_report(
+    paths: list[Path], out: Path, failed: dict[str, Path] | None = None
+) -> tuple[Path, Path, Found]:
+    """Find the runs under ``paths`` and write ``out``/index.html and REPORT.md; ``failed``
+    (experiment name -> log) marks the experiments whose runs failed."""
     from cifarlab.runs import atomic_write_bytes
 
     missing = [p for p in paths if not p.exists()]
@@ -480,7 +492,7 @@ def write_report(paths: list[Path], out: Path) -> tuple[Path, Path, Found]:
         )
     out.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(out / "figures", ignore_errors=True)
-    blocks = Report(found, out).build()
+    blocks = Report(found, out, failed).build()
     md, page = out / "REPORT.md", out / "index.html"
     atomic_write_bytes(md, to_markdown(blocks).encode())
     atomic_write_bytes(page, to_html(blocks, "cifarlab report").encode())

@@ -12,6 +12,7 @@ to ``OUT/report/``.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
@@ -31,6 +32,7 @@ START_SECONDS = 4.0  # a process start: Python, torch, the data
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from cifarlab.experiments import BUDGETS
+    from cifarlab.sweeps.common import add_precision_arg
 
     p.add_argument("--budget", choices=BUDGETS, default="quick",
                    help="quick: every experiment once, a few steps (minutes); full: the real protocols (hours)")  # fmt: skip
@@ -39,6 +41,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel processes (the cores are split)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress line")
     add_device_arg(p)
+    add_precision_arg(p)
     add_data_args(p)
 
 
@@ -63,10 +66,11 @@ def main(args: argparse.Namespace) -> int:
     runs_root = out / "runs" / args.budget
     report_dir = out / "report"
     report.check_out(report_dir)  # refuse a bad --out before hours of training
-    jobs, estimates = [], {}
+    jobs, estimates, experiment = [], {}, {}
     for exp in catalogue():
         for seed in exp.run_seeds(args.budget):
             job = common.Job(f"{exp.name}-seed{seed}", exp.command(args.budget, seed))
+            experiment[job.name] = exp.name
             model, settings = expected_settings(exp, args.budget, seed)
             estimates[job.name] = estimate_seconds(settings, model)
             jobs.append(job)
@@ -76,12 +80,21 @@ def main(args: argparse.Namespace) -> int:
     ns = argparse.Namespace(
         jobs=args.jobs, seeds=1, out_root=str(runs_root), results=str(report_dir), progress=False,
         max_steps=None, extra="", data_dir=args.data_dir, verify=args.verify, device=args.device,
+        precision=args.precision,
     )  # fmt: skip
     progress = _Progress(estimates, args.jobs, enabled=args.progress)
-    common.run_jobs(jobs, ns, on_start=progress.start, on_done=progress.done)
-    paths = [runs_root]
-    page, md, found = report.write_report(paths, report_dir)
+    _, failures = common.run_all(jobs, ns, on_start=progress.start, on_done=progress.done)
+    # a failed run costs its own row, not the report: the row says failed, with its log
+    failed = {experiment[name]: log for name, (_, log) in failures.items()}
+    page, md, found = report.write_report([runs_root], report_dir, failed=failed)
     print(f"report: {page} ({len(found.runs)} runs)")
+    if failures:
+        print(
+            f"cifarlab: error: {len(failures)} run(s) failed; their rows in the report say so: "
+            + "; ".join(f"{name}: {why} (log: {log})" for name, (why, log) in failures.items()),
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 

@@ -13,7 +13,8 @@ SCHEDULES = ("constant", "cosine", "onecycle", "linear")
 def lr_at(cfg, step: int) -> float:
     """Learning rate of step ``step`` (0-based) for a config with ``learning_rate``,
     ``max_steps``, ``warmup_steps``, ``schedule`` and (for onecycle) ``lr_start``/``lr_end``,
-    the rates at either end as fractions of the peak: linear warm-up, then the schedule."""
+    the rates at either end as fractions of the peak, and ``lr_peak``, the fraction of the
+    steps its rise takes: linear warm-up, then the schedule."""
     peak = cfg.learning_rate
     if step < cfg.warmup_steps:
         return peak * (step + 1) / cfg.warmup_steps
@@ -22,9 +23,9 @@ def lr_at(cfg, step: int) -> float:
         return peak * 0.5 * (1 + math.cos(math.pi * t))
     if cfg.schedule == "linear":
         return peak * (1 - t)
-    if cfg.schedule == "onecycle":  # triangle: lr_start -> 1 over the first 25%, then down to lr_end
+    if cfg.schedule == "onecycle":  # triangle: lr_start -> 1 over the first lr_peak (25%), then to lr_end
         n = max(1, cfg.max_steps - cfg.warmup_steps)
-        up = max(1, round(0.25 * n))
+        up = max(1, round(getattr(cfg, "lr_peak", 0.25) * n))
         s = step - cfg.warmup_steps  # with ends at 0, neither the first nor the last step has rate 0
         a, b = cfg.lr_start, cfg.lr_end
         if s < up:

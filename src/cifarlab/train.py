@@ -133,7 +133,9 @@ class TorchLearner:
 
             with distributed.collective("sharing the initial weights"):  # DDP broadcasts rank 0's
                 self.net = DistributedDataParallel(
-                    self.model, device_ids=[self.device] if self.device.type == "cuda" else None
+                    self.model,
+                    device_ids=[self.device] if self.device.type == "cuda" else None,
+                    find_unused_parameters=cfg.changes_trainable(),  # a frozen one takes no part
                 )
             torch.manual_seed(cfg.seed + 7919 * self.dist.rank)  # each rank its own dropout masks
         self.opt = make_optimizer(cfg, self.model)
@@ -182,7 +184,8 @@ class TorchLearner:
         x = x.permute(0, 3, 1, 2)
         return x if self.cfg.channels_last else x.contiguous()
 
-    def step(self, data: DeviceData, batch: Batch, lr: float) -> None:
+    def step(self, data: DeviceData, batch: Batch, lr: float, epoch: float = 0.0) -> None:
+        self.cfg.before_step(self.model, epoch)
         for g in self.opt.param_groups:
             g["lr"] = lr * g.get("lr_scale", 1.0)
         b = batch.shard(self.dist.rank, self.dist.world_size)

@@ -68,7 +68,8 @@ class NumpyLearner:
         return x, y  # NumPy computes where the arrays already are
 
     @np.errstate(over="ignore", invalid="ignore")  # a diverging run is caught by the loop, in one line
-    def step(self, data: tuple[np.ndarray, np.ndarray], batch: Batch, lr: float) -> None:
+    def step(self, data: tuple[np.ndarray, np.ndarray], batch: Batch, lr: float, epoch: float = 0.0) -> None:
+        self.cfg.before_step(self.model, epoch)
         x, y = batch.gather(*data)
         self.opt.lr = lr
         logits = self.model.logits(features(x, self.prep, self.model.dtype))

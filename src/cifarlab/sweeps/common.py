@@ -21,8 +21,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from cifarlab.config import ArgumentParser, add_data_args, add_device_arg, flag, given_flags
-from cifarlab.errors import UsageError
+from cifarlab.config import PRECISIONS, ArgumentParser, add_data_args, add_device_arg, flag, given_flags
+from cifarlab.errors import UsageError, unexpected
 from cifarlab.recipes import RECIPES
 from cifarlab.runs import RunDir, atomic_write_bytes, check_writable_dir
 
@@ -54,7 +54,23 @@ def add_sweep_args(p: argparse.ArgumentParser, name: str, seeds: int = 3) -> Non
         help="more flags for every run, e.g. --extra='--batch-size 64'",
     )
     add_device_arg(p)
+    add_precision_arg(p)
     add_data_args(p)
+
+
+def add_precision_arg(p: argparse.ArgumentParser) -> None:
+    """``--precision`` for commands that run many torch runs (the NumPy runs keep their dtype)."""
+    p.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        help="every torch run's --precision (default: each run's own, auto); NumPy runs keep their --dtype",
+    )
+
+
+def torch_flags(job: Job, args: argparse.Namespace) -> list[str]:
+    """``--precision`` of a sweep or of reproduce, for the torch jobs (the NumPy trainer has none)."""
+    precision = getattr(args, "precision", None)
+    return ["--precision", precision] if precision and RECIPES[job.argv[0]].framework == "torch" else []
 
 
 def set_folders(args: argparse.Namespace, name: str) -> None:
@@ -134,13 +150,38 @@ def run_jobs(
     on_start: Callable[[str, bool], None] | None = None,
     on_done: Callable[[str, bool], None] | None = None,
 ) -> dict[str, RunDir]:
-    """Run every job not yet complete; returns name -> RunDir. Fails listing the runs that failed.
-    With ``--jobs 1`` the runs go one after the other in this process; with more, each is a
-    ``cifarlab train`` process and the cores are split between them.
+    """Run every job not yet complete; returns name -> RunDir. Fails listing the runs that failed
+    (after all of them ran). See :func:`run_all`."""
+    runs, failures = run_all(jobs, args, on_start, on_done)
+    if failures:
+        raise UsageError(
+            f"{len(failures)} run(s) failed (logs in {args.out_root}): "
+            + "; ".join(f"{name}: {why}" for name, (why, _) in failures.items())
+        )
+    return runs
+
+
+def check_data(args: argparse.Namespace) -> None:
+    """The data every run will read, checked once (one line, exit 2), not once per run."""
+    from cifarlab.data import load_cifar10
+
+    load_cifar10(args.data_dir, verify=args.verify)
+
+
+def run_all(
+    jobs: list[Job],
+    args: argparse.Namespace,
+    on_start: Callable[[str, bool], None] | None = None,
+    on_done: Callable[[str, bool], None] | None = None,
+) -> tuple[dict[str, RunDir], dict[str, tuple[str, Path]]]:
+    """Run every job not yet complete: (name -> RunDir, name -> (why it failed, its log)) for
+    the failed ones. With ``--jobs 1`` the runs go one after the other in this process; with
+    more, each is a ``cifarlab train`` process and the cores are split between them.
     ``on_start``/``on_done`` (name, reused) are called around each job, from worker threads."""
     from tqdm import tqdm
 
     check_sweep_args(args)
+    check_data(args)
     root = Path(args.out_root)
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
     extra = ["--no-progress"]
@@ -156,7 +197,9 @@ def run_jobs(
     if args.max_steps:
         extra += ["--max-steps", str(args.max_steps)]
     extra += shlex.split(args.extra)  # last: overrides the sweep's own flags
-    plan = {j.name: _plan(j, extra, root / j.name) for j in jobs}  # every job checked before any runs
+    plan = {
+        j.name: _plan(j, [*torch_flags(j, args), *extra], root / j.name) for j in jobs
+    }  # all checked first
     root.mkdir(parents=True, exist_ok=True)
     Path(args.results).mkdir(parents=True, exist_ok=True)
 
@@ -174,7 +217,7 @@ def run_jobs(
         where = ["--resume", str(out)] if plan[job.name] == "resume" else ["--out", str(out)]
         if RECIPES[job.argv[0]].framework == "torch":  # device: where it runs, not what it computes
             where += ["--device", args.device]
-        argv = ["train", *job.argv, *extra, *where]
+        argv = ["train", *job.argv, *torch_flags(job, args), *extra, *where]
         with open(root / f"{job.name}.log", "a") as log:  # a resumed job adds to its log
             log.write("cifarlab " + " ".join(argv) + "\n")
             log.flush()
@@ -185,20 +228,19 @@ def run_jobs(
                                    text=True, env=env)  # fmt: skip
                 log.write(r.stderr)
                 code, err = r.returncode, r.stderr
-        return None if code == 0 else f"{job.name}: {(err.strip().splitlines() or ['?'])[-1]}"
+        return None if code == 0 else (err.strip().splitlines() or ["?"])[-1]
 
     if args.jobs == 1:  # in this process, one after the other: torch is imported once, not per run
         bar = tqdm(map(one, jobs), total=len(jobs), desc="runs", unit="run", disable=not args.progress)
-        failures = [f for f in bar if f]
+        results = list(bar)
     else:
         with ThreadPoolExecutor(args.jobs) as pool:
             bar = tqdm(
                 pool.map(one, jobs), total=len(jobs), desc="runs", unit="run", disable=not args.progress
             )
-            failures = [f for f in bar if f]
-    if failures:
-        raise UsageError(f"{len(failures)} run(s) failed (logs in {root}): " + "; ".join(failures))
-    return {j.name: RunDir(root / j.name) for j in jobs}
+            results = list(bar)
+    failures = {j.name: (why, root / f"{j.name}.log") for j, why in zip(jobs, results) if why}
+    return {j.name: RunDir(root / j.name) for j in jobs if j.name not in failures}, failures
 
 
 def _run_here(argv: list[str], log) -> tuple[int, str]:
@@ -214,7 +256,7 @@ def _run_here(argv: list[str], log) -> tuple[int, str]:
             code = main(argv)
         except Exception as e:  # a bug in one run must not end the others: it is that run's failure
             code = 1
-            print(f"cifarlab: error: {type(e).__name__}: {e}", file=sys.stderr)
+            print(f"cifarlab: error: {unexpected(e)}", file=sys.stderr)
     log.write(err.getvalue())
     if code == 130:  # Ctrl-C reached the run (which checkpointed): stop the sweep too
         raise KeyboardInterrupt(err.getvalue().strip().splitlines()[-1] if err.getvalue().strip() else "")
