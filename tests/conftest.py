@@ -50,6 +50,16 @@ def write_py(folder: Path, arrays: dict) -> dict[str, str]:
     return {p.name: hashlib.md5(p.read_bytes()).hexdigest() for p in folder.iterdir()}
 
 
+@pytest.fixture(autouse=True)
+def cpu_without_native_bf16(monkeypatch):
+    """No test inherits what ``--precision auto`` means on the machine running it: auto is fp32
+    here (as on an AVX2-only CPU). Tests of low precision ask for it with --precision, and tests
+    of auto itself patch this probe to the answer they need (both answers are covered)."""
+    from cifarlab import devices
+
+    monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: False)
+
+
 @pytest.fixture
 def synthetic(tmp_path, monkeypatch):
     """A data root holding a synthetic binary-version copy whose md5s are the 'official' ones."""

@@ -26,7 +26,7 @@ def _images(page: Path) -> list[str]:
 def quick_study(real_data_dir, tmp_path_factory) -> Path:
     """`cifarlab reproduce --budget quick` once, on the real data (the CI's few minutes)."""
     out = tmp_path_factory.mktemp("study") / "study"
-    assert main(["reproduce", "--budget", "quick", "--out", str(out), "--no-progress",
+    assert main(["reproduce", "--budget", "quick", "--out", str(out), "--no-progress", "--precision", "fp32",
                  "--data-dir", str(real_data_dir)]) == 0  # fmt: skip
     return out
 
@@ -140,3 +140,45 @@ def test_markdown_inline_to_html_escapes():
     assert "&lt;b&gt;" in out and "<code>x&lt;y&gt;</code>" in out and "<strong>bold</strong>" in out
     assert "<a " not in out  # a link with a space is not a link: no broken href
     assert '<a href="../r">r</a>' in report._inline_html("[r](../r)")
+
+
+def test_a_failed_run_costs_its_row_not_the_report(synthetic, tmp_path, monkeypatch, capsys):
+    """One experiment diverges: the report is still written, its row says failed with the
+    path of its log, the other row has its number, and the exit status is not 0."""
+    from cifarlab import experiments
+    from cifarlab.experiments import Experiment
+
+    tiny = ("--dnn-hidden-units", "8", "--batch-size", "10")
+    quick = ("--max-steps", "2", "--eval-freq", "2")
+    exps = [
+        Experiment("ok", "beyond", "fine", ("mlp", *tiny), quick=quick),
+        Experiment("boom", "beyond", "diverges", ("mlp", *tiny, "--learning-rate", "1e30"), quick=quick),
+    ]
+    monkeypatch.setattr(experiments, "catalogue", lambda: exps)
+    out = tmp_path / "study"
+    code = main(["reproduce", "--out", str(out), "--no-progress", "--precision", "fp32",
+                 "--data-dir", str(synthetic[0])])  # fmt: skip
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "1 run(s) failed" in err and "boom-seed42" in err
+    md = (out / "report" / "REPORT.md").read_text()
+    boom = next(line for line in md.splitlines() if line.startswith("| diverges"))
+    assert "**failed**" in boom and "boom-seed42.log" in boom
+    fine = next(line for line in md.splitlines() if line.startswith("| fine"))
+    assert "failed" not in fine and "(1 run)" in fine and "precision fp32" in fine
+
+
+def test_reproduce_checks_the_data_once_in_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("CIFARLAB_DATA", raising=False)
+    empty = tmp_path / "nodata"
+    empty.mkdir()
+    from cifarlab.errors import DataError
+
+    def offline(*args, **kwargs):
+        raise DataError("could not download cifar-10-binary.tar.gz: no network")
+
+    monkeypatch.setattr("cifarlab.data.download_cifar10", offline)
+    code = main(["reproduce", "--out", str(tmp_path / "s"), "--no-progress", "--data-dir", str(empty)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and len(err) < 400, err
+    assert not (tmp_path / "s" / "runs").exists()

