@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +18,7 @@ from safetensors.numpy import save_file
 
 from cifarlab import checkpoints, data, inference
 from cifarlab.cli import main
+from cifarlab.errors import CheckpointError
 
 TINY = ["--no-progress", "--max-steps", "4", "--eval-freq", "2", "--batch-size", "20"]
 
@@ -597,3 +599,62 @@ def test_sweep_extra_is_checked_for_every_job(synthetic, tmp_path, capsys):
 def test_bare_train_or_sweep_lists_choices_and_fails_in_one_line(kind, capsys):
     err = fails([kind], capsys, f"name what to {kind}: one of")
     assert "cifarlab: error: cifarlab" not in err
+
+
+# ----------------------------------------------------------------------------- resume: check, then change
+
+
+def _resume(run: Path, synthetic, *extra: str) -> list[str]:
+    return ["train", "mlp", "--data-dir", str(synthetic[0]), "--resume", str(run), "--max-steps", "8",
+            "--no-progress", *extra]  # fmt: skip
+
+
+def test_records_appended_after_the_checkpoint_are_dropped_on_resume(tiny_run, synthetic):
+    """Garbage or a half line after the last checkpoint's records (a crash, a full disk) does not
+    make the run unresumable: the checkpoint knows how much of metrics.jsonl goes with it."""
+    with open(tiny_run / "metrics.jsonl", "ab") as f:
+        f.write(b'{}\n{"step": 3, "train_lo')
+    assert main(_resume(tiny_run, synthetic)) == 0
+    steps = [json.loads(line)["step"] for line in (tiny_run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(steps) and steps[-1] == 8
+
+
+def test_a_tensorboard_file_is_refused_before_the_run_changes(tiny_run, synthetic, capsys):
+    pytest.importorskip("tensorboard")
+    (tiny_run / "tensorboard").write_text("not a folder")
+    before = snapshot(tiny_run)
+    fails(_resume(tiny_run, synthetic, "--tensorboard"), capsys, "is not a folder")
+    assert snapshot(tiny_run) == before
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+def test_a_checkpoint_copied_from_another_run_is_refused(synthetic, tmp_path, capsys, optimizer):
+    """Another run's checkpoint (another optimizer, or the same one) copied into a run: refused
+    by the run id (and the optimizer), and the run is left byte-identical."""
+    base = ["train", "mlp", "--data-dir", str(synthetic[0]), *TINY]
+    mine, other = tmp_path / "mine", tmp_path / "other"
+    assert main([*base, "--out", str(mine)]) == 0
+    assert main([*base, "--optimizer", optimizer, "--out", str(other)]) == 0
+    shutil.rmtree(mine / "checkpoint")
+    shutil.copytree(other / "checkpoint", mine / "checkpoint")
+    before = snapshot(mine)
+    fails(_resume(mine, synthetic), capsys, "another run")
+    assert snapshot(mine) == before
+
+
+def test_a_full_disk_while_logging_is_one_line_naming_the_file(tiny_run, synthetic, capsys):
+    """ENOSPC on metrics.jsonl (here: it points at /dev/full) is one line naming the file and
+    saying that the last checkpoint is resumable."""
+    if not Path("/dev/full").exists():
+        pytest.skip("no /dev/full")
+    from cifarlab.runs import RunDir
+
+    metrics = tiny_run / "metrics.jsonl"
+    kept = metrics.read_bytes()
+    metrics.unlink()
+    metrics.symlink_to("/dev/full")
+    with pytest.raises(CheckpointError, match="metrics.jsonl: could not append a record.*--resume"):
+        RunDir(tiny_run).log({"step": 9})
+    metrics.unlink()
+    metrics.write_bytes(kept)
+    assert main(_resume(tiny_run, synthetic)) == 0

@@ -33,6 +33,7 @@ import os
 import signal
 import sys
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,6 +97,7 @@ class TrainState:
     correct: int = 0
     seen: int = 0
     setup_seconds: float = 0.0  # process start -> first step (data loading, model set-up)
+    metrics_bytes: int = 0  # metrics.jsonl's length when this state was saved (0: not recorded)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))
@@ -222,9 +224,10 @@ def fit(
     train_data, test_data = learner.put(x_train, y_train), learner.put(x_test, y_test)
     val_data = learner.put(*val) if val is not None else None  # held out of x_train by split_data
     resumed = state is not None
+    run_id = run.read_config().get("run_id") if writer else None  # checkpoints name their run
     state = state or TrainState(setup_seconds=setup_seconds)
     if resumed and writer:
-        run.truncate_metrics(state.step)
+        run.truncate_metrics(state.step, state.metrics_bytes)
     first_step, first_train_seconds = state.step, state.train_seconds
     log_steps = cfg.log_steps()
 
@@ -233,6 +236,9 @@ def fit(
         if not writer:
             return
         arrays, plain = learner.trainer_state()
+        # the metrics this checkpoint goes with: a resume drops whatever was appended after
+        state.metrics_bytes = run.metrics_path.stat().st_size if run.metrics_path.is_file() else 0
+        plain = {**plain, "optimizer": cfg.optimizer, "run_id": run_id}
         extra = {"state": state.to_json(), "plain": json.dumps(plain)}
         checkpoints.save(run.checkpoint_dir, learner.weights(), meta, prep, arrays, extra)
 
@@ -408,9 +414,20 @@ def per_class(confusion: np.ndarray) -> dict[str, Any]:
     }
 
 
-def restore(learner: Learner, run: RunDir, meta: dict[str, Any]) -> TrainState:
+# the optimizer state torch keeps per parameter, by --optimizer (a checkpoint of another
+# optimizer would load without complaint and fail, or worse, at the first step)
+OPTIMIZER_STATE = {
+    "sgd": {"momentum_buffer"},
+    "momentum": {"momentum_buffer"},
+    "adam": {"step", "exp_avg", "exp_avg_sq"},
+    "adamw": {"step", "exp_avg", "exp_avg_sq"},
+}
+
+
+def restore(learner: Learner, run: RunDir, meta: dict[str, Any], cfg: TrainConfig | None = None) -> TrainState:
     """Load the run's last checkpoint into ``learner`` (it must be of ``meta``'s model, with
-    the same arguments); returns the TrainState to give ``fit``. Nothing is written."""
+    the same arguments, of this run and of ``cfg``'s optimizer); returns the TrainState to
+    give ``fit``. Nothing is written."""
     ckpt = checkpoints.load(run.checkpoint_dir)
     if (ckpt.model, ckpt.model_kwargs) != (meta["model"], meta["model_kwargs"]):
         raise CheckpointError(
@@ -422,7 +439,29 @@ def restore(learner: Learner, run: RunDir, meta: dict[str, Any]) -> TrainState:
         raise CheckpointError(f"{run.checkpoint_dir}: no trainer state to resume from")
     state = TrainState.from_json(md["state"])
     try:
-        learner.load(ckpt.weights, arrays, json.loads(md.get("plain", "{}")))
+        plain = json.loads(md.get("plain", "{}"))
+    except (json.JSONDecodeError, RecursionError):
+        raise CheckpointError(f"{run.checkpoint_dir}: damaged trainer state (not JSON)") from None
+    if not isinstance(plain, dict):
+        raise CheckpointError(f"{run.checkpoint_dir}: damaged trainer state (not a JSON object)")
+    own_id, ckpt_id = run.read_config().get("run_id"), plain.get("run_id")
+    if own_id and ckpt_id and own_id != ckpt_id:
+        raise CheckpointError(
+            f"{run.checkpoint_dir} was saved by another run (run id {ckpt_id}, this run's is {own_id}); "
+            "it was copied in: resume the run it belongs to, or start a new one"
+        )
+    if cfg is not None:
+        saved = plain.get("optimizer")
+        kinds = {key.split(".", 2)[2] for key in arrays if key.startswith("opt.")}
+        if (saved is not None and saved != cfg.optimizer) or (
+            saved is None and kinds and not kinds <= OPTIMIZER_STATE.get(cfg.optimizer, kinds)
+        ):
+            raise CheckpointError(
+                f"{run.checkpoint_dir} holds the state of another optimizer ({saved or ', '.join(sorted(kinds))}) "
+                f"than this run's --optimizer {cfg.optimizer}; it was not saved by this run"
+            )
+    try:
+        learner.load(ckpt.weights, arrays, plain)
     except (KeyError, ValueError, RuntimeError, TypeError) as e:
         raise CheckpointError(
             f"{run.checkpoint_dir}: does not match this run's model ({reason(e)})"
@@ -622,6 +661,7 @@ def _start(recipe: Recipe, args: argparse.Namespace, dist: Dist) -> int:
             run.write_config(
                 {
                     "command": "cifarlab train " + recipe.name,
+                    "run_id": uuid.uuid4().hex,  # its checkpoints carry it: a copied-in one is refused
                     "preset": args.preset or next(iter(recipe.presets)),
                     **meta,
                     "train": dataclasses.asdict(cfg),
@@ -690,9 +730,15 @@ def _resume(recipe: Recipe, args: argparse.Namespace, dist: Dist) -> int:
                 f"{run.path} computed in {was.get('precision')} and would now compute in {now['precision']} "
                 "(--precision auto resolves by device and CPU); resume it where it computes as before"
             )
-        state = restore(learner, run, meta)
+        state = restore(learner, run, meta, cfg)
         if cfg.max_steps < state.step:
             raise UsageError(f"--max-steps {cfg.max_steps} is below the step the run reached ({state.step})")
+        if dist.is_main:  # everything the resume will touch is checked before a byte changes
+            run.check_metrics(state.step, state.metrics_bytes)
+            if args.tensorboard and run.tensorboard_dir.exists() and not run.tensorboard_dir.is_dir():
+                raise UsageError(f"{run.tensorboard_dir} is not a folder; move it away to resume with --tensorboard")
+            if not os.access(run.path, os.W_OK):
+                raise UsageError(f"{run.path} is not writable: the resume could not save its checkpoints")
         # all checked: now the run may change
         changed = {k: v for k, v in dataclasses.asdict(cfg).items() if saved["train"].get(k) != v}
         changed.update({k: v for k, v in now.items() if k in was and was[k] != v})  # e.g. device, world_size

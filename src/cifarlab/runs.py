@@ -15,6 +15,8 @@ runs/<model>-<YYYYmmdd-HHMMSS>/    (or --out DIR)
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import platform
@@ -278,13 +280,56 @@ class RunDir:
             pass
 
     def log(self, record: dict[str, Any]) -> None:
-        """Append one record to metrics.jsonl (flushed: a crash keeps what was logged)."""
-        with open(self.metrics_path, "a") as f:
-            f.write(json.dumps(record, default=_jsonable) + "\n")
+        """Append one record to metrics.jsonl as one complete write (unbuffered: a crash keeps
+        what was logged). A write that fails (a full disk) is undone, so no half line stays,
+        and the error names the file: the last checkpoint is intact and resumable."""
+        line = (json.dumps(record, default=_jsonable) + "\n").encode()
+        with open(self.metrics_path, "ab", buffering=0) as f:
+            size = f.tell()
+            try:
+                if f.write(line) != len(line):
+                    raise OSError(errno.ENOSPC, "short write")
+            except OSError as e:
+                with contextlib.suppress(OSError):
+                    f.truncate(size)
+                raise CheckpointError(
+                    f"{self.metrics_path}: could not append a record ({e.strerror or e}); the last checkpoint is "
+                    f"intact: free space and resume with --resume {self.path}"
+                ) from None
 
-    def truncate_metrics(self, last_step: int) -> list[dict]:
-        """Keep only records up to ``last_step`` (a resumed run re-logs what came after)."""
-        kept = [m for m in self.read_metrics() if m["step"] <= last_step]
+    def check_metrics(self, last_step: int, length: int = 0) -> list[dict]:
+        """The records a resume keeps (read and checked, nothing written): the first ``length``
+        bytes of metrics.jsonl where the checkpoint recorded them (anything appended later, a
+        half line of a full disk included, is dropped), else every record up to ``last_step``."""
+        if not length:
+            return [m for m in self.read_metrics() if m["step"] <= last_step]
+        size = self.metrics_path.stat().st_size if self.metrics_path.is_file() else 0
+        if size < length:
+            raise CheckpointError(
+                f"{self.metrics_path}: {size} bytes, shorter than the {length} its checkpoint was saved with "
+                "(truncated or replaced); the run cannot be resumed"
+            )
+        with open(self.metrics_path, "rb") as f:
+            head = f.read(length)
+        return self._parse_metrics(head, last_step)
+
+    def _parse_metrics(self, data: bytes, last_step: int | None = None) -> list[dict]:
+        out = []
+        for i, line in enumerate(data.decode("utf-8", errors="replace").splitlines(), 1):
+            if line.strip():
+                try:
+                    record = json.loads(line)
+                except (json.JSONDecodeError, RecursionError):
+                    record = None
+                if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+                    raise CheckpointError(f"{self.metrics_path}:{i}: damaged (not a metrics record)")
+                out.append(record)
+        return out if last_step is None else [m for m in out if m["step"] <= last_step]
+
+    def truncate_metrics(self, last_step: int, length: int = 0) -> list[dict]:
+        """Keep only what goes with the checkpoint (see :meth:`check_metrics`): a resumed run
+        re-logs what came after."""
+        kept = self.check_metrics(last_step, length)
         atomic_write_bytes(self.metrics_path, "".join(json.dumps(m) + "\n" for m in kept).encode())
         return kept
 
@@ -314,17 +359,7 @@ class RunDir:
     def read_metrics(self) -> list[dict[str, Any]]:
         if not self.metrics_path.is_file():
             return []
-        out = []
-        for i, line in enumerate(self.metrics_path.read_text().splitlines(), 1):
-            if line.strip():
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    record = None
-                if not isinstance(record, dict) or not isinstance(record.get("step"), int):
-                    raise CheckpointError(f"{self.metrics_path}:{i}: damaged (not a metrics record)")
-                out.append(record)
-        return out
+        return self._parse_metrics(self.metrics_path.read_bytes())
 
 
 def require_tensorboard() -> None:
