@@ -182,3 +182,69 @@ def test_reproduce_checks_the_data_once_in_one_line(tmp_path, capsys, monkeypatc
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and len(err) < 400, err
     assert not (tmp_path / "s" / "runs").exists()
+
+
+# ----------------------------------------------------------------------------- hostile input
+
+
+EVIL = "a](javascript:alert(1))\n# injected"
+
+
+def test_data_never_becomes_markup():
+    """A value of a run (its name, its machine) is text: no link, no heading, no tag."""
+    blocks = [report.Block("table", rows=[["run", "machine"], [report.md_text(EVIL), report._machine(
+        {"machine": {"cpu": "<script>x</script>[y](javascript:z)", "cores": 2, "threads": 2}})]])]  # fmt: skip
+    page, md = report.to_html(blocks, "t"), report.to_markdown(blocks)
+    assert "<a " not in page and "<script>" not in page and "javascript:alert(1))" in page
+    assert "\n# injected" not in md and md.count("\n") == 3  # header, rule, one row
+    assert report.safe_href("javascript:alert(1)") is None and report.safe_href("https://x.org/a") is not None
+    assert report.safe_href("../runs/a%20b") == "../runs/a%20b"
+
+
+def test_a_hostile_run_name_is_escaped_in_both_pages(tmp_path):
+    runs = tmp_path / "runs"
+    evil = runs / "a](javascript:alert(1)) [x]"
+    evil.mkdir(parents=True)
+    (evil / "config.json").write_text("{not json")
+    (evil / "metrics.jsonl").write_text("")
+    out = tmp_path / "report"
+    report.write_report([runs], out)
+    page = (out / "index.html").read_text()
+    assert 'href="javascript' not in page and "javascript:alert(1)" in page
+    assert re.search(r'href="\.\./runs/a%5D%28javascript%3Aalert%281%29%29%20%5Bx%5D"', page)
+
+
+def test_the_report_removes_only_its_own_files(tmp_path, synthetic):
+    runs = tmp_path / "runs"
+    assert main(["train", "mlp", "--dnn-hidden-units", "8", "--batch-size", "10", "--max-steps", "2",
+                 "--no-progress", "--data-dir", str(synthetic[0]), "--out", str(runs / "r")]) == 0  # fmt: skip
+    out = tmp_path / "report"
+    report.write_report([runs], out)
+    mine = out / "figures" / "mine.svg"
+    mine.parent.mkdir(exist_ok=True)
+    mine.write_text("<svg/>")
+    (out / "notes.txt").write_text("my notes")
+    (out / "figures" / "stale.png").write_bytes(b"x")  # not the report's: kept
+    manifest = json.loads((out / report.MANIFEST).read_text())
+    assert "REPORT.md" in manifest and "index.html" in manifest
+    report.write_report([runs], out)
+    assert mine.read_text() == "<svg/>" and (out / "notes.txt").read_text() == "my notes"
+    assert (out / "figures" / "stale.png").exists()
+    assert not list(out.glob(".building-*"))  # the build folder is gone
+
+
+def test_a_failing_report_leaves_the_previous_one_whole(tmp_path, synthetic, monkeypatch):
+    runs = tmp_path / "runs"
+    assert main(["train", "mlp", "--dnn-hidden-units", "8", "--batch-size", "10", "--max-steps", "2",
+                 "--no-progress", "--data-dir", str(synthetic[0]), "--out", str(runs / "r")]) == 0  # fmt: skip
+    out = tmp_path / "report"
+    report.write_report([runs], out)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+
+    def boom(self):
+        raise RuntimeError("half-way")
+
+    monkeypatch.setattr(report.Report, "beyond", boom)
+    with pytest.raises(RuntimeError):
+        report.write_report([runs], out)
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before

@@ -424,7 +424,9 @@ OPTIMIZER_STATE = {
 }
 
 
-def restore(learner: Learner, run: RunDir, meta: dict[str, Any], cfg: TrainConfig | None = None) -> TrainState:
+def restore(
+    learner: Learner, run: RunDir, meta: dict[str, Any], cfg: TrainConfig | None = None
+) -> TrainState:
     """Load the run's last checkpoint into ``learner`` (it must be of ``meta``'s model, with
     the same arguments, of this run and of ``cfg``'s optimizer); returns the TrainState to
     give ``fit``. Nothing is written."""
@@ -736,7 +738,9 @@ def _resume(recipe: Recipe, args: argparse.Namespace, dist: Dist) -> int:
         if dist.is_main:  # everything the resume will touch is checked before a byte changes
             run.check_metrics(state.step, state.metrics_bytes)
             if args.tensorboard and run.tensorboard_dir.exists() and not run.tensorboard_dir.is_dir():
-                raise UsageError(f"{run.tensorboard_dir} is not a folder; move it away to resume with --tensorboard")
+                raise UsageError(
+                    f"{run.tensorboard_dir} is not a folder; move it away to resume with --tensorboard"
+                )
             if not os.access(run.path, os.W_OK):
                 raise UsageError(f"{run.path} is not writable: the resume could not save its checkpoints")
         # all checked: now the run may change

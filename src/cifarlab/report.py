@@ -16,11 +16,14 @@ from __future__ import annotations
 
 import argparse
 import html
+import json
 import os
 import re
 import shutil
 import statistics
+import tempfile
 import time
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -73,13 +76,52 @@ def find_runs(paths: list[Path]) -> Found:
     return found
 
 
+MANIFEST = ".cifarlab-report.json"  # the files the last report wrote: the only ones it may remove
+
+
 def check_out(out: Path) -> None:
-    """The report folder: new, empty, or an earlier report (whose files are replaced)."""
+    """The report folder: new, empty, or an earlier report (whose own files are replaced;
+    anything else in it is left alone)."""
     from cifarlab.runs import check_writable_dir
 
     check_writable_dir(out, "--out")
     if out.is_dir() and any(out.iterdir()) and not (out / "REPORT.md").is_file():
         raise UsageError(f"--out {out} holds other files (no REPORT.md): choose a new or empty folder")
+
+
+def _manifest(out: Path) -> list[str]:
+    """The relative paths the previous report in ``out`` wrote (none if it kept no manifest,
+    or one that is not a list of plain relative paths inside ``out``)."""
+    path = out / MANIFEST
+    if not path.is_file() or path.is_symlink() or path.stat().st_size > 1 << 20:
+        return []
+    try:
+        names = json.loads(path.read_text())
+    except (ValueError, RecursionError):
+        return []
+    if not isinstance(names, list):
+        return []
+    return [
+        n for n in names
+        if isinstance(n, str) and n and not Path(n).is_absolute() and ".." not in Path(n).parts
+    ]  # fmt: skip
+
+
+def _swap_in(built: Path, out: Path) -> None:
+    """Move the report built in ``built`` into ``out``, file by file (each replace atomic), then
+    remove what the previous report wrote and this one did not; other files are not touched."""
+    from cifarlab.runs import atomic_write_json
+
+    new = sorted(p.relative_to(built).as_posix() for p in built.rglob("*") if p.is_file())
+    old = _manifest(out)
+    for rel in new:
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        os.replace(built / rel, out / rel)
+    for rel in sorted(set(old) - set(new)):
+        target = out / rel
+        if target.is_file() and not target.is_symlink():
+            target.unlink()
+    atomic_write_json(out / MANIFEST, new)
 
 
 # --------------------------------------------------------------------------- blocks and rendering
@@ -92,12 +134,49 @@ class Block:
     rows: list[list[str]] = field(default_factory=list)  # table: first row is the header
 
 
+_MD_SPECIAL = re.compile(r"([\\`*_\[\]()#|<>!~])")
+
+
+def md_text(value: Any) -> str:
+    """Data (a run's name, a machine's name, an error message) as Markdown text: control
+    characters and newlines become spaces and Markdown's special characters are escaped, so a
+    value can never become a link, a heading or markup, in REPORT.md or in index.html."""
+    text = "".join(" " if ord(c) < 32 or ord(c) == 127 else c for c in str(value))
+    return _MD_SPECIAL.sub(r"\\\1", text)
+
+
+def md_url(path: str) -> str:
+    """A relative path as a link target that Markdown cannot misread (spaces, parentheses...)."""
+    return urllib.parse.quote(path, safe="/.-_~")
+
+
+def safe_href(url: str) -> str | None:
+    """A link target the page may use: a relative path inside the report's tree, or https."""
+    parsed = urllib.parse.urlsplit(html.unescape(url))
+    if parsed.scheme == "https" or (not parsed.scheme and not parsed.netloc and not url.startswith("/")):
+        return url
+    return None
+
+
 def _inline_html(text: str) -> str:
-    """The Markdown inline subset the report uses -> HTML: `code`, **bold**, [text](url)."""
-    out = html.escape(text, quote=False)
+    """The Markdown inline subset the report uses -> HTML: `code`, **bold**, [text](url) with
+    a safe target only, and backslash escapes (what :func:`md_text` writes) as literal text."""
+    literals: list[str] = []
+
+    def keep(m: re.Match) -> str:
+        literals.append(m[1])
+        return f"\x00{len(literals) - 1}\x00"
+
+    out = html.escape(re.sub(r"\\(.)", keep, text), quote=False)
     out = re.sub(r"`([^`]+)`", r"<code>\1</code>", out)
     out = re.sub(r"\*\*([^*]+)\*\*", r"<strong>\1</strong>", out)
-    return re.sub(r"\[([^\]]+)\]\(([^)\s]+)\)", lambda m: f'<a href="{html.escape(m[2])}">{m[1]}</a>', out)
+
+    def link(m: re.Match) -> str:
+        href = safe_href(m[2])
+        return m[1] if href is None else f'<a href="{html.escape(href)}">{m[1]}</a>'
+
+    out = re.sub(r"\[([^\]]+)\]\(([^)\s]+)\)", link, out)
+    return re.sub(r"\x00(\d+)\x00", lambda m: html.escape(literals[int(m[1])]), out)
 
 
 def to_markdown(blocks: list[Block]) -> str:
@@ -115,7 +194,7 @@ def to_markdown(blocks: list[Block]) -> str:
             head, *body = b.rows
             lines.append("| " + " | ".join(head) + " |")
             lines.append("|" + "---|" * len(head))
-            lines += ["| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in body]
+            lines += ["| " + " | ".join(re.sub(r"(?<!\\)\|", r"\\|", c) for c in r) + " |" for r in body]
             lines.append("")
     return "\n".join(lines)
 
@@ -146,7 +225,7 @@ def to_html(blocks: list[Block], title: str) -> str:
         elif b.kind == "code":
             parts.append(f"<pre><code>{html.escape(b.text)}</code></pre>")
         elif b.kind == "img":
-            parts.append(f'<figure><img src="{html.escape(b.rows[0][0])}" alt="{html.escape(b.text)}">'
+            parts.append(f'<figure><img src="{html.escape(b.rows[0][0])}" alt="{html.escape(_plain(b.text))}">'
                          f"<figcaption>{_inline_html(b.text)}</figcaption></figure>")  # fmt: skip
         elif b.kind == "table":
             head, *body = b.rows
@@ -164,13 +243,18 @@ def to_html(blocks: list[Block], title: str) -> str:
 # --------------------------------------------------------------------------- the report
 
 
+def _plain(text: str) -> str:
+    """Markdown text without its escapes (for an attribute such as alt)."""
+    return re.sub(r"\\(.)", r"\1", text)
+
+
 def _machine(config: dict[str, Any]) -> str:
     m = config.get("machine")
     if not isinstance(m, dict):
         return "machine not recorded"
     isa = [k.upper().replace("_", "-") for k, v in (m.get("isa") or {}).items() if v]
-    return f"{m.get('cpu', '?')}, {m.get('cores', '?')} cores, {m.get('threads', '?')} threads" + (
-        f", {'/'.join(isa)}" if isa else ""
+    return md_text(f"{m.get('cpu', '?')}, {m.get('cores', '?')} cores, {m.get('threads', '?')} threads") + (
+        f", {md_text('/'.join(isa))}" if isa else ""
     )
 
 
@@ -189,11 +273,15 @@ def _mean_std(values: list[float]) -> str:
 class Report:
     """Builds the blocks of the report from the runs found; writes figures into ``figures``."""
 
-    def __init__(self, found: Found, out: Path, failed: dict[str, Path] | None = None) -> None:
+    def __init__(
+        self, found: Found, out: Path, failed: dict[str, Path] | None = None, build_dir: Path | None = None
+    ) -> None:
+        """``out``: where the report will be (links are relative to it); ``build_dir``: where
+        its figures are written meanwhile (default: ``out``)."""
         from cifarlab.experiments import catalogue
 
         self.found, self.out, self.failed = found, out, failed or {}
-        self.figures = out / "figures"
+        self.figures = (build_dir or out) / "figures"
         self.blocks: list[Block] = []
         self.experiments = catalogue()
         self.budgets_seen: set[str] = set()
@@ -203,7 +291,8 @@ class Report:
         self.blocks.append(Block(kind, text, rows or []))
 
     def link(self, path: Path) -> str:
-        return f"[{path.name}]({Path(os.path.relpath(path.resolve(), self.out.resolve())).as_posix()})"
+        target = Path(os.path.relpath(path.resolve(), self.out.resolve())).as_posix()
+        return f"[{md_text(path.name)}]({md_url(target)})"
 
     def first_runs(self, exps: list) -> list[Run]:
         """The runs of a section's first experiment (none if the section has no experiment)."""
@@ -276,7 +365,7 @@ class Report:
             self.figures.mkdir(parents=True, exist_ok=True)
             dst = self.figures / f"curves-{run.path.name}.png"
             shutil.copyfile(src, dst)
-            self.add("img", caption, [[f"figures/{dst.name}"]])
+            self.add("img", caption, [[md_url(f"figures/{dst.name}")]])
 
     def section(self, key: str) -> list:
         from cifarlab.experiments import SECTIONS
@@ -310,7 +399,7 @@ class Report:
         self.add("table", rows=self.results_table(exps))
         runs = self.first_runs(exps)
         if runs:
-            self.copy_curves(runs[0], f"Loss and accuracy curves of {runs[0].path.name}")
+            self.copy_curves(runs[0], f"Loss and accuracy curves of {md_text(runs[0].path.name)}")
 
     def part2(self) -> None:
         exps = self.section("part2")
@@ -345,7 +434,7 @@ class Report:
         self.add("table", rows=self.results_table(exps))
         runs = self.first_runs(exps)
         if runs:
-            self.copy_curves(runs[0], f"Loss and accuracy curves of {runs[0].path.name}")
+            self.copy_curves(runs[0], f"Loss and accuracy curves of {md_text(runs[0].path.name)}")
             self.per_class(runs[0])
 
     def per_class(self, run: Run) -> None:
@@ -368,7 +457,8 @@ class Report:
         self.figures.mkdir(parents=True, exist_ok=True)
         path = plot_confusion(np.array(confusion), CLASSES, self.figures / f"confusion-{run.path.name}.png",
                               f"{run.path.name}: confusion matrix")  # fmt: skip
-        self.add("img", f"Confusion matrix of {run.path.name} (rows: true class)", [[f"figures/{path.name}"]])
+        self.add("img", f"Confusion matrix of {md_text(run.path.name)} (rows: true class)",
+                 [[md_url(f"figures/{path.name}")]])  # fmt: skip
 
     def part4b(self) -> None:
         exps = self.section("part4b")
@@ -377,7 +467,7 @@ class Report:
         self.add("table", rows=self.results_table(exps))
         runs = self.first_runs(exps)
         if runs:
-            self.copy_curves(runs[0], f"Loss and accuracy curves of {runs[0].path.name}")
+            self.copy_curves(runs[0], f"Loss and accuracy curves of {md_text(runs[0].path.name)}")
 
     def beyond(self) -> None:
         exps = self.section("beyond")
@@ -390,7 +480,7 @@ class Report:
             return
         self.add("h2", "Run directories not used")
         rows = [["run directory", "why"]]
-        rows += [[self.link(p), f"damaged: {why}"] for p, why in self.found.damaged]
+        rows += [[self.link(p), f"damaged: {md_text(why)}"] for p, why in self.found.damaged]
         rows += [[self.link(p), "unfinished (interrupted or still running): `cifarlab train MODEL --resume DIR` continues it"]
                  for p in self.found.unfinished]  # fmt: skip
         self.add("table", rows=rows)
@@ -495,12 +585,14 @@ def write_report(
             f"no run directories under {where}: run `cifarlab reproduce --budget quick` first, or name other folders"
         )
     out.mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(out / "figures", ignore_errors=True)
-    blocks = Report(found, out, failed).build()
-    md, page = out / "REPORT.md", out / "index.html"
-    atomic_write_bytes(md, to_markdown(blocks).encode())
-    atomic_write_bytes(page, to_html(blocks, "cifarlab report").encode())
-    return page, md, found
+    # built aside, then swapped in: a report that fails half-way leaves the previous one whole
+    with tempfile.TemporaryDirectory(dir=out, prefix=".building-") as tmp:
+        built = Path(tmp)
+        blocks = Report(found, out, failed, build_dir=built).build()
+        atomic_write_bytes(built / "REPORT.md", to_markdown(blocks).encode())
+        atomic_write_bytes(built / "index.html", to_html(blocks, "cifarlab report").encode())
+        _swap_in(built, out)
+    return out / "index.html", out / "REPORT.md", found
 
 
 def main(args: argparse.Namespace) -> int:
