@@ -658,3 +658,66 @@ def test_a_full_disk_while_logging_is_one_line_naming_the_file(tiny_run, synthet
     metrics.unlink()
     metrics.write_bytes(kept)
     assert main(_resume(tiny_run, synthetic)) == 0
+
+
+# ----------------------------------------------------------------------------- loose ends, one line each
+
+
+def test_reproduce_refuses_zero_jobs(tmp_path, capsys):
+    fails(["reproduce", "--jobs", "0", "--out", str(tmp_path / "s")], capsys, "--jobs must be in 1..64")
+
+
+@pytest.mark.parametrize("content", [b"", b"\x80\x02}q\x00.", b"garbage" * 10])
+def test_vgg_weights_that_are_not_weights_are_one_line(synthetic, tmp_path, capsys, content):
+    bad = tmp_path / "w.pth"
+    bad.write_bytes(content)
+    fails(["train", "vgg13", "--weights", str(bad), "--max-steps", "1", "--data-dir", str(synthetic[0]),
+           "--out", str(tmp_path / "run")], capsys, str(bad))  # fmt: skip
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "1e20", "0"])
+def test_dist_timeout_must_be_sane(monkeypatch, value):
+    from cifarlab import distributed
+    from cifarlab.errors import UsageError
+
+    monkeypatch.setenv("CIFARLAB_DIST_TIMEOUT", value)
+    with pytest.raises(UsageError, match="CIFARLAB_DIST_TIMEOUT"):
+        distributed.timeout()
+
+
+def test_a_stray_world_size_without_a_master_is_one_line():
+    from cifarlab.distributed import Dist
+    from cifarlab.errors import UsageError
+
+    with pytest.raises(UsageError, match="MASTER_ADDR"):
+        Dist.from_env({"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"})
+    assert Dist.from_env({"WORLD_SIZE": "1", "RANK": "0"}).world_size == 1
+
+
+def test_json_output_is_always_valid_json(tiny_run, capsys):
+    from cifarlab.errors import json_safe
+
+    assert json.dumps(json_safe({"a": float("nan"), "b": [float("inf"), 1.5]}), allow_nan=False) == (
+        '{"a": null, "b": [null, 1.5]}'
+    )
+    summary = json.loads((tiny_run / "summary.json").read_text())
+    (tiny_run / "summary.json").write_text(json.dumps({**summary, "test_loss": float("nan")}))
+    assert main(["runs", str(tiny_run.parent), "--json"]) == 0
+
+    def strict(name):
+        raise ValueError(f"{name} is not JSON")
+
+    json.loads(capsys.readouterr().out, parse_constant=strict)
+
+
+def test_crop_pad_and_flip_need_augment(synthetic, capsys):
+    fails(["train", "mlp", "--crop-pad", "2", "--data-dir", str(synthetic[0])], capsys, "add --augment")
+    fails(["train", "mlp", "--flip", "alternate", "--data-dir", str(synthetic[0])], capsys, "add --augment")
+
+
+def test_a_16_bit_image_is_scaled_not_clipped(tmp_path):
+    path = tmp_path / "half.png"
+    Image.fromarray(np.full((8, 8), 32768, dtype=np.uint16)).save(path)
+    x = inference.read_images([str(path)])
+    assert x.shape == (1, 32, 32, 3) and int(x.max()) == 128 and int(x.min()) == 128

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import re
 import sys
 from collections.abc import Sequence
 
@@ -209,7 +210,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return 1
     except KeyboardInterrupt as e:
-        print(f"cifarlab: {_rank()}interrupted{': ' + str(e) if str(e) else ''}", file=sys.stderr)
+        why = re.sub(r"^(cifarlab: )?(rank \d+ )?interrupted:? ?", "", str(e))  # a run's own line, once
+        print(f"cifarlab: {_rank()}interrupted{': ' + why if why else ''}", file=sys.stderr)
         return 130
 
 

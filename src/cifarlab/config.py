@@ -180,6 +180,10 @@ class TrainConfig:
             raise UsageError(
                 f"--lr-start, --lr-end and --lr-peak shape --schedule onecycle, not {self.schedule}"
             )
+        if not self.augment and (self.crop_pad != 4 or self.flip != "random"):
+            raise UsageError(
+                "--crop-pad and --flip shape --augment's crops and flips: add --augment, or drop them"
+            )
         if self.schedule == "onecycle" and self.warmup_steps:
             raise UsageError("--schedule onecycle has its own warm-up (its first 25%): drop --warmup-steps")
         if self.warmup_steps > self.max_steps:

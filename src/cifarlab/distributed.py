@@ -60,6 +60,11 @@ class Dist:
             raise UsageError(
                 f"invalid torchrun environment: WORLD_SIZE={world} RANK={rank} LOCAL_RANK={local}"
             )
+        missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if world > 1 and not env.get(k)]
+        if missing:
+            raise UsageError(
+                f"WORLD_SIZE={world} but {' and '.join(missing)} unset: start the job with torchrun, or unset WORLD_SIZE"
+            )
         return cls(rank, local, world)
 
 
@@ -68,7 +73,9 @@ def timeout() -> timedelta:
         seconds = float(os.environ.get("CIFARLAB_DIST_TIMEOUT", "300"))
     except ValueError:
         raise UsageError("CIFARLAB_DIST_TIMEOUT must be a number of seconds") from None
-    return timedelta(seconds=max(seconds, 1.0))
+    if not 1.0 <= seconds <= 7 * 86400:  # nan, inf and 1e20 fail this too
+        raise UsageError(f"CIFARLAB_DIST_TIMEOUT must be between 1 s and 7 days, got {seconds!r}")
+    return timedelta(seconds=seconds)
 
 
 _control: Any = None  # a gloo group for host-side flags, so a CUDA job never syncs its stream for them

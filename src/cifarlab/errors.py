@@ -48,3 +48,17 @@ def public_name(e: BaseException) -> str:
 def unexpected(e: BaseException, limit: int = 300) -> str:
     """One line for an error cifarlab did not expect (a bug, or a library's own failure)."""
     return f"{public_name(e)}: {reason(e, limit)}"
+
+
+def json_safe(obj):
+    """``obj`` with every non-finite float (NaN, ±inf) replaced by None, so that ``json.dumps(...,
+    allow_nan=False)`` prints valid JSON: a diverged run's loss is ``null``, not ``NaN``."""
+    import math
+
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from cifarlab.data import CLASSES, load_cifar10
-from cifarlab.errors import CheckpointError, UsageError, reason
+from cifarlab.errors import CheckpointError, UsageError, json_safe, reason
 from cifarlab.runs import atomic_write_json, check_writable_dir
 
 
@@ -207,6 +207,16 @@ def read_images(paths: list[str]) -> np.ndarray:
                         f"{p}: {im.width}x{im.height} pixels is over the {MAX_IMAGE_PIXELS:,}-pixel limit "
                         "(a decompression bomb?); resize it first"
                     )
+                if im.mode in (
+                    "I;16",
+                    "I;16B",
+                    "I;16L",
+                    "I;16N",
+                    "I",
+                ):  # 16-bit: scale to 8 bits, do not clip
+                    wide = np.asarray(im, dtype=np.float64)
+                    top = 65535.0 if im.mode.startswith("I;16") or wide.max() > 255 else 255.0
+                    im = Image.fromarray(np.clip(wide / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
                 im = im.convert("RGB").resize((32, 32), Image.Resampling.BILINEAR)
                 out.append(np.asarray(im, dtype=np.uint8))
         except UsageError:
@@ -231,10 +241,13 @@ def predict_main(args: argparse.Namespace) -> int:
     else:
         print(
             json.dumps(
-                {
-                    path: {CLASSES[k]: float(p[k]) for k in np.argsort(-p)[:3]}
-                    for path, p in zip(args.images, probs)
-                }
+                json_safe(
+                    {
+                        path: {CLASSES[k]: float(p[k]) for k in np.argsort(-p)[:3]}
+                        for path, p in zip(args.images, probs)
+                    }
+                ),
+                allow_nan=False,
             )
         )
     return 0

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from cifarlab.config import add_data_args, add_device_arg
+from cifarlab.errors import UsageError
 
 # rough images/s of this project's 2-core development CPU (AVX2), per model: training, evaluation;
 # only for the ETA, which is rescaled by the speed the finished runs actually had
@@ -62,6 +63,8 @@ def main(args: argparse.Namespace) -> int:
     from cifarlab.experiments import catalogue, expected_settings
     from cifarlab.sweeps import common
 
+    if not 1 <= args.jobs <= 64:
+        raise UsageError(f"--jobs must be in 1..64, got {args.jobs}")
     out = Path(args.out)
     runs_root = out / "runs" / args.budget
     report_dir = out / "report"

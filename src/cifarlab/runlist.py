@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cifarlab.errors import CheckpointError, UsageError
+from cifarlab.errors import CheckpointError, UsageError, json_safe
 from cifarlab.runs import RunDir
 
 STATUSES = ("finished", "running", "diverged", "interrupted", "damaged")
@@ -37,7 +37,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     rows = list_runs(args.folders)
     if args.json:
-        print(json.dumps([asdict(r) for r in rows], indent=2))
+        print(json.dumps(json_safe([asdict(r) for r in rows]), indent=2, allow_nan=False))
     else:
         print(render(rows))
     return 0
