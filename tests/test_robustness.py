@@ -105,7 +105,11 @@ def tiny_run(synthetic, tmp_path):
         ("efficientnet_lite1", ["--image-size", "8"], "--image-size must be in [32, 512]"),
         ("fast", ["--lookahead", "-1"], "--lookahead must be in [0, 1000000]"),
         ("fast", ["--lr-start", "1.5"], "--lr-start must be in [0, 1]"),
-        ("mlp", ["--lr-end", "0.1", "--schedule", "cosine"], "--lr-end are the ends of --schedule onecycle"),
+        (
+            "mlp",
+            ["--lr-end", "0.1", "--schedule", "cosine"],
+            "--lr-end and --lr-peak shape --schedule onecycle",
+        ),
         ("fast", ["--tta", "1", "--interim-tta", "2"], "--interim-tta 2 must not exceed --tta 1"),
         ("fast", ["--widths", "8,8,8,8"], "--widths takes the channels of the 3 conv groups, got 4"),
         ("mlp", ["--schedule", "onecycle", "--warmup-steps", "5"], "onecycle has its own warm-up"),

@@ -5,14 +5,18 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import cifarlab
 from cifarlab.cli import main
+from cifarlab.runlist import read_run
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -229,3 +233,49 @@ def test_importing_the_commands_imports_neither_torch_nor_matplotlib():
     env = {**os.environ, "PYTHONPATH": str(Path(cifarlab.__file__).parents[1])}
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
     assert r.stdout.strip() == "[]"
+
+
+# ----------------------------------------------------------------------------- the hardened reader
+
+RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "diverged.json")
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    file=st.sampled_from(RUN_FILES),
+    content=st.binary(max_size=200) | _json.map(lambda v: json.dumps(v).encode()),
+)
+def test_any_bytes_in_any_file_give_a_row_or_a_reason(tmp_path, file, content):
+    """Random bytes or random JSON in any file of a run: read_run never raises; the run is read
+    or marked damaged with a reason (and `cifarlab runs` prints a table)."""
+    run = tmp_path / "r"
+    shutil.rmtree(run, ignore_errors=True)
+    make_run(tmp_path, "r")
+    (run / file).write_bytes(content)
+    got = read_run(run)
+    assert got.problem is None or (isinstance(got.problem, str) and got.problem)
+
+
+@pytest.mark.parametrize("file", RUN_FILES)
+def test_deep_json_fifo_and_endless_files_are_damaged_not_a_hang(tmp_path, capsys, file):
+    deep = tmp_path / "deep"
+    make_run(tmp_path, "deep")
+    (deep / file).write_text("[" * 100_000 + "]" * 100_000)
+    assert any(why in read_run(deep).problem for why in ("nested", "not valid JSON", "not a metrics record"))
+    fifo = tmp_path / "fifo"
+    make_run(tmp_path, "fifo")
+    (fifo / file).unlink(missing_ok=True)
+    os.mkfifo(fifo / file)
+    assert "not a regular file" in read_run(fifo).problem
+    endless = tmp_path / "endless"
+    make_run(tmp_path, "endless")
+    (endless / file).unlink(missing_ok=True)
+    (endless / file).symlink_to("/dev/zero")
+    assert "not a regular file" in read_run(endless).problem
+    assert main(["runs", str(tmp_path)]) == 0
+    assert "3 runs" in capsys.readouterr().out

@@ -129,7 +129,7 @@ def load(target: str | Path) -> Checkpoint:
         raise CheckpointError(f"{path}: not a cifarlab checkpoint (no 'cifarlab' metadata)")
     try:
         meta = json.loads(metadata["cifarlab"])
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):
         raise CheckpointError(f"{path}: its 'cifarlab' metadata is not JSON") from None
     if not isinstance(meta, dict):
         raise CheckpointError(f"{path}: its 'cifarlab' metadata is not a JSON object")

@@ -107,7 +107,7 @@ class TrainState:
         """The state saved by :meth:`to_json`; anything else is a CheckpointError."""
         try:
             state = cls(**json.loads(text))
-        except (TypeError, ValueError) as e:
+        except (TypeError, ValueError, RecursionError) as e:
             raise CheckpointError(f"damaged trainer state in the checkpoint ({e})") from None
         for f in dataclasses.fields(state):
             v = getattr(state, f.name)
@@ -224,7 +224,8 @@ def fit(
     train_data, test_data = learner.put(x_train, y_train), learner.put(x_test, y_test)
     val_data = learner.put(*val) if val is not None else None  # held out of x_train by split_data
     resumed = state is not None
-    run_id = run.read_config().get("run_id") if writer else None  # checkpoints name their run
+    # checkpoints name their run (a run directory made by hand, as in tests, may have no config)
+    run_id = run.read_config().get("run_id") if writer and run.config_path.is_file() else None
     state = state or TrainState(setup_seconds=setup_seconds)
     if resumed and writer:
         run.truncate_metrics(state.step, state.metrics_bytes)
@@ -446,7 +447,8 @@ def restore(
         raise CheckpointError(f"{run.checkpoint_dir}: damaged trainer state (not JSON)") from None
     if not isinstance(plain, dict):
         raise CheckpointError(f"{run.checkpoint_dir}: damaged trainer state (not a JSON object)")
-    own_id, ckpt_id = run.read_config().get("run_id"), plain.get("run_id")
+    own_id = run.read_config().get("run_id") if run.config_path.is_file() else None
+    ckpt_id = plain.get("run_id")
     if own_id and ckpt_id and own_id != ckpt_id:
         raise CheckpointError(
             f"{run.checkpoint_dir} was saved by another run (run id {ckpt_id}, this run's is {own_id}); "

@@ -18,8 +18,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cifarlab.errors import CheckpointError, UsageError, json_safe
-from cifarlab.runs import RunDir
+from cifarlab.errors import CheckpointError, CifarlabError, UsageError, json_safe
+from cifarlab.runs import RunDir, parse_json, read_bytes
 
 STATUSES = ("finished", "running", "diverged", "interrupted", "damaged")
 NOT_RUNS = ("checkpoint", "checkpoint.tmp", "checkpoint.old")  # a run's own folders, never searched
@@ -131,10 +131,12 @@ def _check_diverged(path: Path, diverged: Any) -> None:
 
 
 def _read_json(path: Path) -> Any:
+    """A file of the run through the one hardened reader (cifarlab.runs.read_bytes/parse_json)."""
     try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise Damaged(f"{path.name} is not valid JSON") from None
+        return parse_json(read_bytes(path), path.name)
+    except CifarlabError as e:
+        why = str(e).split(": damaged, ", 1)[-1]
+        raise Damaged(f"{path.name} is {why}" if why.startswith("not ") else f"{path.name}: {why}") from None
     except OSError as e:
         raise Damaged(f"{path.name} is unreadable ({_why(e)})") from None
 

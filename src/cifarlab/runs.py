@@ -18,9 +18,11 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import math
 import os
 import platform
 import shutil
+import stat
 import sys
 import tempfile
 import time
@@ -309,17 +311,19 @@ class RunDir:
                 f"{self.metrics_path}: {size} bytes, shorter than the {length} its checkpoint was saved with "
                 "(truncated or replaced); the run cannot be resumed"
             )
-        with open(self.metrics_path, "rb") as f:
-            head = f.read(length)
-        return self._parse_metrics(head, last_step)
+        return self._parse_metrics(read_bytes(self.metrics_path)[:length], last_step)
 
     def _parse_metrics(self, data: bytes, last_step: int | None = None) -> list[dict]:
         out = []
-        for i, line in enumerate(data.decode("utf-8", errors="replace").splitlines(), 1):
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:
+            raise CheckpointError(f"{self.metrics_path} is unreadable (not UTF-8 text)") from None
+        for i, line in enumerate(text.splitlines(), 1):
             if line.strip():
                 try:
-                    record = json.loads(line)
-                except (json.JSONDecodeError, RecursionError):
+                    record = parse_json(line, f"{self.metrics_path}:{i}")
+                except CheckpointError:
                     record = None
                 if not isinstance(record, dict) or not isinstance(record.get("step"), int):
                     raise CheckpointError(f"{self.metrics_path}:{i}: damaged (not a metrics record)")
@@ -357,9 +361,9 @@ class RunDir:
         return evaluations(self.read_metrics())
 
     def read_metrics(self) -> list[dict[str, Any]]:
-        if not self.metrics_path.is_file():
+        if not self.metrics_path.exists():
             return []
-        return self._parse_metrics(self.metrics_path.read_bytes())
+        return self._parse_metrics(read_bytes(self.metrics_path))
 
 
 def require_tensorboard() -> None:
@@ -415,10 +419,67 @@ def check_writable_dir(path: Path, what: str, error: type[CifarlabError] = Usage
             return
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+MAX_FILE_BYTES = 256 << 20  # no file of a run directory is near this; a larger one is refused
+MAX_JSON_DEPTH = 32  # cifarlab writes 3 levels; deeper nesting is not a file of ours
+
+
+def read_bytes(path: Path, limit: int = MAX_FILE_BYTES) -> bytes:
+    """The bytes of a regular file of a run directory: a FIFO, a device or a link to one is
+    refused (it could hang or never end), as is a file over ``limit`` bytes."""
+    path = Path(path)
     try:
-        return json.loads(Path(path).read_text())
+        st = os.stat(path)
     except FileNotFoundError:
         raise UsageError(f"{path} does not exist (is this a run directory?)") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: damaged, not valid JSON ({e})") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise CheckpointError(f"{path}: damaged, not a regular file")
+    if st.st_size > limit:
+        raise CheckpointError(
+            f"{path}: damaged, {st.st_size:,} bytes (over the {limit:,} a run's file may have)"
+        )
+    with open(path, "rb") as f:
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise CheckpointError(f"{path}: damaged, over {limit:,} bytes")
+    return data
+
+
+def _not_finite(token: str) -> float:
+    raise ValueError(f"{token} is not a finite number")
+
+
+def _depth(obj: Any) -> int:
+    """Nesting depth of a parsed JSON value (iterative: deep input cannot recurse here)."""
+    deepest, todo = 0, [(obj, 1)]
+    while todo:
+        value, d = todo.pop()
+        if isinstance(value, (dict, list)):
+            deepest = max(deepest, d)
+            if d <= MAX_JSON_DEPTH:
+                todo += [(v, d + 1) for v in (value.values() if isinstance(value, dict) else value)]
+    return deepest
+
+
+def parse_json(text: str | bytes, where: str) -> Any:
+    """One JSON value from a file of a run directory: finite numbers only, at most
+    ``MAX_JSON_DEPTH`` levels; anything else is a one-line CheckpointError naming ``where``."""
+    try:
+        obj = json.loads(text, parse_constant=_not_finite, parse_float=_finite_float)
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+        raise CheckpointError(f"{where}: damaged, not valid JSON") from None
+    except RecursionError:
+        raise CheckpointError(f"{where}: damaged, JSON nested too deep") from None
+    if _depth(obj) > MAX_JSON_DEPTH:
+        raise CheckpointError(f"{where}: damaged, JSON nested over {MAX_JSON_DEPTH} levels deep")
+    return obj
+
+
+def _finite_float(token: str) -> float:
+    value = float(token)
+    if not math.isfinite(value):
+        raise ValueError(f"{token} is not a finite number")
+    return value
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    return parse_json(read_bytes(path), str(path))
