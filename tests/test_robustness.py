@@ -725,3 +725,31 @@ def test_a_16_bit_image_is_scaled_not_clipped(tmp_path):
     Image.fromarray(np.full((8, 8), 32768, dtype=np.uint16)).save(path)
     x = inference.read_images([str(path)])
     assert x.shape == (1, 32, 32, 3) and int(x.max()) == 128 and int(x.min()) == 128
+
+
+def test_a_sweep_restarts_a_run_killed_before_its_first_checkpoint(synthetic, tmp_path, capsys):
+    """A run directory with a config but no checkpoint and no live writer (kill -9 right after
+    it appeared): the next sweep moves it aside and runs the job again, instead of failing."""
+    root, res = tmp_path / "sweep", tmp_path / "tables"
+    base = ["sweep", "seeds", "mlp-numpy", "--seeds", "1", "--data-dir", str(synthetic[0]), "--no-progress",
+            "--out-root", str(root), "--out", str(res), "--extra=--dnn-hidden-units 8 --batch-size 10 --max-steps 2"]  # fmt: skip
+    assert main(base) == 0
+    run = next(p for p in root.iterdir() if p.is_dir())
+    shutil.rmtree(run / "checkpoint")
+    (run / "summary.json").unlink()
+    assert main(base) == 0
+    assert (run / "summary.json").is_file()
+    assert [p.name for p in root.iterdir() if ".unstarted-" in p.name]  # the half-made one, kept
+
+
+def test_two_reproduce_on_one_folder_are_refused(tmp_path, capsys):
+    from cifarlab.runs import RunDir
+
+    out = tmp_path / "study"
+    out.mkdir()
+    other = RunDir(out)
+    other.lock()  # as another live reproduce would
+    try:
+        fails(["reproduce", "--out", str(out)], capsys, "is being written by process")
+    finally:
+        other.unlock()

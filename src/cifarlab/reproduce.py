@@ -18,6 +18,7 @@ from pathlib import Path
 
 from cifarlab.config import add_data_args, add_device_arg
 from cifarlab.errors import UsageError
+from cifarlab.runs import RunDir
 
 # rough images/s of this project's 2-core development CPU (AVX2), per model: training, evaluation;
 # only for the ETA, which is rescaled by the speed the finished runs actually had
@@ -60,8 +61,6 @@ def estimate_seconds(settings: dict, model: str) -> float:
 
 def main(args: argparse.Namespace) -> int:
     from cifarlab import report
-    from cifarlab.experiments import catalogue, expected_settings
-    from cifarlab.sweeps import common
 
     if not 1 <= args.jobs <= 64:
         raise UsageError(f"--jobs must be in 1..64, got {args.jobs}")
@@ -69,6 +68,20 @@ def main(args: argparse.Namespace) -> int:
     runs_root = out / "runs" / args.budget
     report_dir = out / "report"
     report.check_out(report_dir)  # refuse a bad --out before hours of training
+    out.mkdir(parents=True, exist_ok=True)
+    owner = RunDir(out)  # one reproduce per --out: two would leapfrog each other's runs
+    owner.lock()
+    try:
+        return _reproduce(args, out, runs_root, report_dir)
+    finally:
+        owner.unlock()
+
+
+def _reproduce(args: argparse.Namespace, out: Path, runs_root: Path, report_dir: Path) -> int:
+    from cifarlab import report
+    from cifarlab.experiments import catalogue, expected_settings
+    from cifarlab.sweeps import common
+
     jobs, estimates, experiment = [], {}, {}
     for exp in catalogue():
         for seed in exp.run_seeds(args.budget):

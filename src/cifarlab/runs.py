@@ -465,7 +465,7 @@ def parse_json(text: str | bytes, where: str) -> Any:
     ``MAX_JSON_DEPTH`` levels; anything else is a one-line CheckpointError naming ``where``."""
     try:
         obj = json.loads(text, parse_constant=_not_finite, parse_float=_finite_float)
-    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+    except (ValueError, UnicodeDecodeError):  # JSONDecodeError is a ValueError
         raise CheckpointError(f"{where}: damaged, not valid JSON") from None
     except RecursionError:
         raise CheckpointError(f"{where}: damaged, JSON nested too deep") from None

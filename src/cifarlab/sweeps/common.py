@@ -16,6 +16,7 @@ import shlex
 import statistics
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -110,7 +111,8 @@ def job_settings(argv: list[str]) -> tuple[str, dict, set[str]]:
 
 
 def _plan(job: Job, extra: list[str], out: Path) -> str:
-    """What to do with a job: "new", "done" (reuse) or "resume". Refuses an --extra that
+    """What to do with a job: "new", "done" (reuse), "resume", or "restart" (a run killed
+    before its first checkpoint). Refuses an --extra that
     changes what the sweep varies, and a directory that holds a run with other settings
     (it is never overwritten)."""
     model, settings, _ = job_settings([*job.argv, *extra])
@@ -128,7 +130,17 @@ def _plan(job: Job, extra: list[str], out: Path) -> str:
             f"{out} holds a run with other settings ({', '.join(diff[:4]) or 'model'} differ); "
             "it is kept: choose another --out-root or remove it"
         )
-    return "done" if run.summary_path.is_file() else "resume"
+    if run.summary_path.is_file():
+        return "done"
+    from cifarlab.checkpoints import STATE_FILE
+    from cifarlab.runlist import lock_holder
+
+    holder = lock_holder(run)
+    if holder is not None:
+        raise UsageError(f"{out} is being written by process {holder}: wait for it or stop it first")
+    # killed before its first checkpoint: nothing to resume, so it starts again (the half-made
+    # folder is moved aside, not deleted)
+    return "resume" if (run.checkpoint_dir / STATE_FILE).is_file() else "restart"
 
 
 def same_settings(config: dict, settings: dict, ignore: frozenset[str] = frozenset()) -> bool:
@@ -214,6 +226,8 @@ def run_all(
 
     def run_one(job: Job) -> str | None:
         out = root / job.name
+        if plan[job.name] == "restart":
+            out.rename(out.with_name(f"{out.name}.unstarted-{time.strftime('%Y%m%d-%H%M%S')}"))
         where = ["--resume", str(out)] if plan[job.name] == "resume" else ["--out", str(out)]
         if RECIPES[job.argv[0]].framework == "torch":  # device: where it runs, not what it computes
             where += ["--device", args.device]
