@@ -83,9 +83,11 @@ def _max_diff(a: dict, b: dict) -> float:
 
 def test_dist_from_env():
     assert Dist.from_env({}) == Dist()
-    d = Dist.from_env({"WORLD_SIZE": "4", "RANK": "2", "LOCAL_RANK": "0"})
+    master = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
+    d = Dist.from_env({"WORLD_SIZE": "4", "RANK": "2", "LOCAL_RANK": "0", **master})
     assert (d.rank, d.world_size, d.active, d.is_main) == (2, 4, True, False)
-    for bad in ({"WORLD_SIZE": "2", "RANK": "2"}, {"WORLD_SIZE": "x"}, {"WORLD_SIZE": "0"}):
+    for bad in ({"WORLD_SIZE": "2", "RANK": "2", **master}, {"WORLD_SIZE": "x"}, {"WORLD_SIZE": "0"},
+                {"WORLD_SIZE": "2", "RANK": "0"}):  # fmt: skip
         with pytest.raises(UsageError):
             Dist.from_env(bad)
 

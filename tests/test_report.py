@@ -60,8 +60,20 @@ def test_quick_study_writes_every_section(quick_study):
 def test_reproduce_again_reuses_every_run(quick_study, real_data_dir, capsys):
     before = {p: p.stat().st_mtime_ns for p in (quick_study / "runs").rglob("summary.json")}
     assert (
-        main(["reproduce", "--budget", "quick", "--out", str(quick_study), "--data-dir", str(real_data_dir)])
-        == 0
+        main(
+            [
+                "reproduce",
+                "--budget",
+                "quick",
+                "--out",
+                str(quick_study),
+                "--data-dir",
+                str(real_data_dir),
+                "--precision",
+                "fp32",
+            ]
+        )
+        == 0  # fmt: skip
     )
     out = capsys.readouterr().out
     assert out.count("reused") == len(before)
@@ -248,3 +260,47 @@ def test_a_failing_report_leaves_the_previous_one_whole(tmp_path, synthetic, mon
     with pytest.raises(RuntimeError):
         report.write_report([runs], out)
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+# ----------------------------------------------------------------------------- one machine per row
+
+
+def _fake_run(path: Path, device: str, cpu: str, acc: float, wall: float, seed: int, precision: str):
+    from cifarlab.runlist import Run
+
+    config = {"model": "mlp", "train": {"seed": seed}, "distributed": {"device": device, "precision": precision},
+              "machine": {"cpu": cpu, "cores": 2, "threads": 2, "isa": {"avx2": True}}}  # fmt: skip
+    return Run(path, config=config, summary={"test_accuracy": acc, "wall_seconds": wall, "steps": 10})
+
+
+def test_rows_never_pool_two_machines(tmp_path):
+    exp = next(e for e in catalogue() if e.name == "convnet-seed")
+    runs = [
+        _fake_run(tmp_path / "a", "cpu", "Intel Xeon", 0.80, 2000.0, 42, "fp32"),
+        _fake_run(tmp_path / "b", "cpu", "Intel Xeon", 0.82, 2200.0, 43, "fp32"),
+        _fake_run(tmp_path / "c", "cuda:0 (NVIDIA H200)", "Intel Xeon", 0.81, 60.0, 42, "fp32"),
+    ]
+    rep = report.Report(report.Found(runs=runs), tmp_path / "out")
+    rep._matched = {e.name: (None, []) for e in rep.experiments} | {exp.name: ("full", runs)}
+    head, *rows = rep.results_table([exp])
+    assert len(rows) == 2  # the CPU pair, and the GPU run on its own
+    cpu = next(r for r in rows if "Intel Xeon" in r[4])
+    gpu = next(r for r in rows if "GPU NVIDIA H200" in r[4])
+    assert "0.8100 ± 0.0141 (2 runs)" in cpu[2] and cpu[4].startswith("2100 s")
+    assert "0.8100 (1 run)" in gpu[2] and gpu[4].startswith("60 s") and "Xeon" not in gpu[4]
+    assert "seeds 42, 43" in cpu[6] and "--seed 42" in gpu[6]
+
+
+def test_the_report_is_a_function_of_its_inputs(tmp_path, synthetic):
+    runs = tmp_path / "runs"
+    assert main(["train", "mlp", "--dnn-hidden-units", "8", "--batch-size", "10", "--max-steps", "2",
+                 "--no-progress", "--data-dir", str(synthetic[0]), "--out", str(runs / "r")]) == 0  # fmt: skip
+    bench = runs / "bench" / "layernorm-somecpu.txt"
+    bench.parent.mkdir()
+    bench.write_text("command: python benchmarks/bench_layernorm.py\n| a | b |\n")
+    pages = []
+    for out in (tmp_path / "one", tmp_path / "two"):
+        report.write_report([runs], out)
+        pages.append(((out / "REPORT.md").read_bytes(), (out / "index.html").read_bytes()))
+    assert pages[0] == pages[1]
+    assert b"layernorm-somecpu.txt" in pages[0][0]

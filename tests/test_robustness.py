@@ -518,9 +518,11 @@ def test_resume_refuses_a_damaged_metrics_log_and_a_bad_hidden_size(tiny_run, sy
     argv = ["train", "mlp", "--resume", str(tiny_run), "--data-dir", str(synthetic[0]), "--max-steps", "6"]
     metrics = tiny_run / "metrics.jsonl"
     good = metrics.read_text()
-    metrics.write_text(good + "{}\n")
-    fails(argv, capsys, "metrics.jsonl:5: damaged (not a metrics record)")  # after the records of steps 1-4
-    assert metrics.read_text() == good + "{}\n"
+    lines = good.splitlines(keepends=True)
+    metrics.write_text(lines[0] + "x" + "".join(lines[1:])[1:])  # a record the checkpoint goes with, damaged
+    before = snapshot(tiny_run)
+    fails(argv, capsys, "metrics.jsonl:2: damaged (not a metrics record)")
+    assert snapshot(tiny_run) == before
     metrics.write_text(good)
     cfg = tiny_run / "config.json"
     saved = json.loads(cfg.read_text())

@@ -22,7 +22,6 @@ import re
 import shutil
 import statistics
 import tempfile
-import time
 import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,11 +55,12 @@ class Found:
     runs: list[Run] = field(default_factory=list)  # finished
     unfinished: list[Path] = field(default_factory=list)
     damaged: list[tuple[Path, str]] = field(default_factory=list)
+    roots: list[Path] = field(default_factory=list)  # the folders searched (recorded benchmarks too)
 
 
 def find_runs(paths: list[Path]) -> Found:
     """Every run directory at or below ``paths``, read once (``cifarlab runs``' reader)."""
-    found, seen = Found(), set()
+    found, seen = Found(roots=[Path(p) for p in paths]), set()
     for root in paths:
         for path in runlist.find_runs(root):
             if path.resolve() in seen:
@@ -249,6 +249,12 @@ def _plain(text: str) -> str:
 
 
 def _machine(config: dict[str, Any]) -> str:
+    """Where a run computed: the GPU's name for a CUDA run, else the CPU's model and instruction
+    sets (the host CPU of a GPU run is not where its time was spent)."""
+    device = str((config.get("distributed") or {}).get("device", "cpu"))
+    if device.startswith("cuda"):
+        name = device.split("(", 1)[1].rstrip(")") if "(" in device else device
+        return md_text(f"GPU {name}")
     m = config.get("machine")
     if not isinstance(m, dict):
         return "machine not recorded"
@@ -258,10 +264,16 @@ def _machine(config: dict[str, Any]) -> str:
     )
 
 
-def _precisions(runs: list) -> str:
-    """The precision(s) the runs computed in, as config.json records it once resolved."""
-    seen = sorted({str((r.config.get("distributed") or {}).get("precision", "not recorded")) for r in runs})
-    return "precision " + "/".join(seen)
+def _precision(run) -> str:
+    """The precision a run computed in, as config.json records it once resolved."""
+    return "precision " + md_text((run.config.get("distributed") or {}).get("precision", "not recorded"))
+
+
+def _command(exp, budget: str, runs: list) -> str:
+    """The command the runs used: the experiment's, with their seeds."""
+    seeds = sorted({r.config.get("train", {}).get("seed") for r in runs}, key=str)
+    line = "cifarlab train " + " ".join(exp.command(budget, seeds[0] if isinstance(seeds[0], int) else 42))
+    return line + (f"  # seeds {', '.join(map(str, seeds))}" if len(seeds) > 1 else "")
 
 
 def _mean_std(values: list[float]) -> str:
@@ -301,25 +313,35 @@ class Report:
     def runs_of(self, exp) -> tuple[str | None, list[Run]]:
         """The budget ('full' preferred) and the finished runs of an experiment (matched once:
         tables, figures and curves all ask)."""
-        if exp.name not in self._matched:
-            self._matched[exp.name] = self._match(exp)
-        return self._matched[exp.name]
+        if not self._matched:  # every experiment at once, in catalogue order: see _match
+            claimed: set[Path] = set()
+            for e in self.experiments:
+                self._matched[e.name] = self._match(e, claimed)
+        return self._matched.get(exp.name) or self._match(exp, set())
 
-    def _match(self, exp) -> tuple[str | None, list[Run]]:
+    def _match(self, exp, claimed: set[Path]) -> tuple[str | None, list[Run]]:
+        """The runs of ``exp`` not claimed by an earlier experiment: a run belongs to one
+        experiment only (two experiments whose quick commands coincide do not share runs)."""
         from cifarlab.experiments import expected_settings, matches
 
         for budget in ("full", "quick"):
             model, settings = expected_settings(exp, budget)
-            runs = [r for r in self.found.runs if matches(r.config, model, settings)]
+            runs = [
+                r for r in self.found.runs if r.path not in claimed and matches(r.config, model, settings)
+            ]
             if runs:
                 self.budgets_seen.add(budget)
+                claimed.update(r.path for r in runs)
                 return budget, runs
         return None, []
 
     def results_table(self, exps: list, with_seed: bool = True) -> list[list[str]]:
-        """One row per experiment: label, seed's number, ours, steps, wall time and machine, runs, command."""
+        """One row per experiment and machine (device, CPU or GPU model, precision): label, the
+        seed's number, ours (mean ± std of that machine's runs only), steps, wall time on that
+        machine, runs, and the command they used (their seeds listed). Runs of two machines are
+        never pooled, neither their accuracy nor their times."""
         head = ["experiment", *(["seed report"] if with_seed else []), "cifarlab (final test accuracy)",
-                "steps", "wall time per run", "runs", "command"]  # fmt: skip
+                "steps", "wall time per run (machine; precision)", "runs", "command"]  # fmt: skip
         rows = [head]
         for exp in exps:
             budget, runs = self.runs_of(exp)
@@ -330,14 +352,18 @@ class Report:
             if not runs:
                 rows.append([exp.label, *seed, failed or "**missing**", "", "", "", f"`{exp.shell('full')}`"])
                 continue
-            acc = [r.summary["test_accuracy"] for r in runs]
-            wall = statistics.mean(r.summary.get("wall_seconds", float("nan")) for r in runs)
             tag = " — quick budget" if budget == "quick" else ""
-            rows.append([
-                exp.label, *seed, f"**{_mean_std(acc)}**{tag}" + (f"; a run {failed}" if failed else ""), str(runs[0].summary.get("steps", "?")),
-                f"{wall:.0f} s ({_machine(runs[0].config)}; {_precisions(runs)})", ", ".join(self.link(r.path) for r in runs),
-                f"`{exp.shell(budget)}`",
-            ])  # fmt: skip
+            groups: dict[tuple[str, str], list[Run]] = {}
+            for r in sorted(runs, key=lambda r: r.path.name):
+                groups.setdefault((_machine(r.config), _precision(r)), []).append(r)
+            for (where, precision), group in sorted(groups.items()):
+                acc = [r.summary["test_accuracy"] for r in group]
+                wall = statistics.mean(r.summary.get("wall_seconds", float("nan")) for r in group)
+                rows.append([
+                    exp.label, *seed, f"**{_mean_std(acc)}**{tag}" + (f"; a run {failed}" if failed else ""),
+                    str(group[0].summary.get("steps", "?")), f"{wall:.0f} s ({where}; {precision})",
+                    ", ".join(self.link(r.path) for r in group), f"`{_command(exp, budget, group)}`",
+                ])  # fmt: skip
         return rows
 
     def curve_figure(self, name: str, exps: list, title: str) -> None:
@@ -420,12 +446,25 @@ class Report:
         exps = self.section("part3")
         self.add("h3", "Gradient check, run now")
         self.add("table", rows=gradient_check_rows())
-        self.add("h3", "Speed against torch.nn.functional.layer_norm, run now")
-        self.add("table", rows=layernorm_speed_rows())
+        self.add("h3", "Speed against torch.nn.functional.layer_norm, as recorded")
+        self.layernorm_benchmarks()
         self.add("h3", "LayerNorm vs BatchNorm across batch sizes")
         self.add("p", "MLP 500,300 with no normalisation, BatchNorm or LayerNorm (the hand-written Function), at "
                       "batch sizes 2 to 200, each run seeing the same number of images.")  # fmt: skip
         self.add("table", rows=self.results_table(exps, with_seed=False))
+
+    def layernorm_benchmarks(self) -> None:
+        """The recorded outputs of benchmarks/bench_layernorm.py found under the report's inputs
+        (``bench/layernorm-<cpu>.txt``): a report is a function of its inputs, never a live timing."""
+        files = sorted(
+            {p.resolve() for root in self.found.roots for p in Path(root).rglob("bench/layernorm-*.txt")}
+        )
+        if not files:
+            self.add("p", "No recorded LayerNorm benchmark among the inputs: `python benchmarks/bench_layernorm.py "
+                          "> results/bench/layernorm-<cpu>.txt` records one.")  # fmt: skip
+        for path in files:
+            self.add("p", f"{self.link(path)}, its command on its first line:")
+            self.add("code", path.read_text(errors="replace")[:20_000])
 
     def part4(self) -> None:
         exps = self.section("part4")
@@ -523,42 +562,6 @@ def gradient_check_rows() -> list[list[str]]:
         [
             "largest difference of the forward pass from `F.layer_norm`",
             f"{float((out - ref).detach().abs().max()):.1e}",
-        ]
-    )
-    return rows
-
-
-def layernorm_speed_rows(shape: tuple[int, int] = (512, 1024), repeats: int = 20) -> list[list[str]]:
-    """Forward + backward of the hand-written LayerNorm against torch's, medians, this machine."""
-    import torch
-
-    from cifarlab.layernorm import LayerNormManual
-    from cifarlab.runs import machine
-
-    x = torch.randn(*shape, requires_grad=True)
-    ours, theirs = LayerNormManual(shape[1]), torch.nn.LayerNorm(shape[1])
-    times: dict[str, list[float]] = {"cifarlab LayerNormManual": [], "torch.nn.LayerNorm": []}
-    for _ in range(repeats):
-        for name, mod in (("cifarlab LayerNormManual", ours), ("torch.nn.LayerNorm", theirs)):
-            t0 = time.perf_counter()
-            mod(x).sum().backward()
-            times[name].append(time.perf_counter() - t0)
-    med = {k: statistics.median(v) for k, v in times.items()}
-    m = machine(torch.get_num_threads())
-    where = f"{m['cpu']}, {m['threads']} threads"
-    rows = [
-        [
-            "implementation",
-            f"forward + backward, {shape[0]} × {shape[1]} float32 (median of {repeats})",
-            "machine",
-        ]
-    ]
-    rows += [[k, f"{v * 1e3:.2f} ms", where] for k, v in med.items()]
-    rows.append(
-        [
-            "ratio (torch / cifarlab)",
-            f"{med['torch.nn.LayerNorm'] / med['cifarlab LayerNormManual']:.2f}×",
-            where,
         ]
     )
     return rows

@@ -322,7 +322,7 @@ class RunDir:
         for i, line in enumerate(text.splitlines(), 1):
             if line.strip():
                 try:
-                    record = parse_json(line, f"{self.metrics_path}:{i}")
+                    record = parse_json(line, f"{self.metrics_path}:{i}", finite=False)
                 except CheckpointError:
                     record = None
                 if not isinstance(record, dict) or not isinstance(record.get("step"), int):
@@ -460,11 +460,16 @@ def _depth(obj: Any) -> int:
     return deepest
 
 
-def parse_json(text: str | bytes, where: str) -> Any:
-    """One JSON value from a file of a run directory: finite numbers only, at most
-    ``MAX_JSON_DEPTH`` levels; anything else is a one-line CheckpointError naming ``where``."""
+def parse_json(text: str | bytes, where: str, finite: bool = True) -> Any:
+    """One JSON value from a file of a run directory: at most ``MAX_JSON_DEPTH`` levels, and
+    finite numbers only unless ``finite`` is False (metrics records: a diverging run logs an
+    inf or NaN loss); anything else is a one-line CheckpointError naming ``where``."""
     try:
-        obj = json.loads(text, parse_constant=_not_finite, parse_float=_finite_float)
+        obj = (
+            json.loads(text, parse_constant=_not_finite, parse_float=_finite_float)
+            if finite
+            else json.loads(text)
+        )
     except (ValueError, UnicodeDecodeError):  # JSONDecodeError is a ValueError
         raise CheckpointError(f"{where}: damaged, not valid JSON") from None
     except RecursionError:

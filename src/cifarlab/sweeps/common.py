@@ -124,7 +124,10 @@ def _plan(job: Job, extra: list[str], out: Path) -> str:
     if not out.exists() or (not run.config_path.is_file() and not any(out.iterdir())):
         return "new"
     saved = run.read_config() if run.config_path.is_file() else {}
-    if saved.get("model") != model or not same_settings(saved, settings):
+    # a job that leaves --precision to auto takes a run in any precision (how it computed, like
+    # the device); one that asks for a precision takes only a run in it
+    ignore = frozenset({"precision"}) if settings.get("precision") == "auto" else frozenset()
+    if saved.get("model") != model or not same_settings(saved, settings, ignore):
         diff = sorted(k for k in settings if saved.get("train", {}).get(k) != settings[k])
         raise UsageError(
             f"{out} holds a run with other settings ({', '.join(diff[:4]) or 'model'} differ); "
