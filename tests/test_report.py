@@ -304,3 +304,12 @@ def test_the_report_is_a_function_of_its_inputs(tmp_path, synthetic):
         pages.append(((out / "REPORT.md").read_bytes(), (out / "index.html").read_bytes()))
     assert pages[0] == pages[1]
     assert b"layernorm-somecpu.txt" in pages[0][0]
+
+
+def test_readme_headline_table_is_generated_from_results():
+    """The README's results table is what `cifarlab report results --readme README.md` writes:
+    a number edited by hand (or a run added to results/ without regenerating) fails here."""
+    text = (REPO / "README.md").read_text()
+    assert text.count(report.HEADLINE_BEGIN) == 1 and text.count(report.HEADLINE_END) == 1
+    region = text.split(report.HEADLINE_BEGIN)[1].split(report.HEADLINE_END)[0].strip()
+    assert region == report.headline_table([REPO / "results"], REPO)

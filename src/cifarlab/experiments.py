@@ -112,6 +112,9 @@ def catalogue() -> list[Experiment]:
                    ("efficientnet_lite0", "--preset", "best"), quick=_QUICK_TRANSFER),
         Experiment("fast", "beyond", "the fast recipe (airbench-style), from scratch", ("fast",),
                    quick=("--max-steps", "2", "--batch-size", "128", "--eval-freq", "2", "--test-images", "200")),
+        Experiment("fast-lookahead", "beyond", "the same with Lookahead, schedule ends and bias decay",
+                   ("fast", "--lookahead", "5", "--decay-biases", "--lr-start", "0.2", "--lr-end", "0.07"),
+                   quick=("--max-steps", "3", "--batch-size", "128", "--eval-freq", "3", "--test-images", "200")),
     ]  # fmt: skip
     return exps
 
