@@ -21,32 +21,13 @@ from cifarlab.recipes import RECIPES
 
 TINY = ["--max-steps", "2", "--eval-freq", "1", "--no-progress"]
 # model -> its arguments at a size that trains in about a second on synthetic data
+MLP = ["mlp", "--dnn-hidden-units", "16", "--batch-size", "8"]
 MODELS = {
-    "mlp-batchnorm": ["mlp", "--dnn-hidden-units", "16", "--norm", "batch", "--batch-size", "8"],
-    "mlp-layernorm-kernel": ["mlp", "--dnn-hidden-units", "16", "--norm", "layer", "--batch-size", "8"],
-    "mlp-layernorm-eager": ["mlp", "--dnn-hidden-units", "16", "--norm", "layer", "--batch-size", "8"],
-    "mlp-layernorm-autograd": [
-        "mlp",
-        "--dnn-hidden-units",
-        "16",
-        "--norm",
-        "layer",
-        "--layernorm",
-        "autograd",
-        "--batch-size",
-        "8",
-    ],
-    "mlp-layernorm-torch": [
-        "mlp",
-        "--dnn-hidden-units",
-        "16",
-        "--norm",
-        "layer",
-        "--layernorm",
-        "torch",
-        "--batch-size",
-        "8",
-    ],
+    "mlp-batchnorm": [*MLP, "--norm", "batch"],
+    "mlp-layernorm-kernel": [*MLP, "--norm", "layer"],  # the Function, C kernel (when it builds)
+    "mlp-layernorm-eager": [*MLP, "--norm", "layer"],  # the Function, eager ops (see _backend)
+    "mlp-layernorm-autograd": [*MLP, "--norm", "layer", "--layernorm", "autograd"],
+    "mlp-layernorm-torch": [*MLP, "--norm", "layer", "--layernorm", "torch"],
     "convnet": ["convnet", "--batch-size", "4", "--eval-batch-size", "8"],
     "fast": ["fast", "--batch-size", "16", "--widths", "8,16,16", "--eval-batch-size", "8"],
     "efficientnet_lite0": [

@@ -119,9 +119,17 @@ LOW_PRECISION = (torch.bfloat16, torch.float16)
 def _no_autocast(device: torch.device) -> contextlib.AbstractContextManager:
     """Autocast off for ``device``'s type (what ``torch.amp.custom_fwd(cast_inputs=...)`` does
     for one device type; these layers serve every device)."""
-    if torch.amp.is_autocast_available(device.type):
+    if torch.amp.is_autocast_available(device.type) and torch.is_autocast_enabled(device.type):
         return torch.autocast(device.type, enabled=False)
-    return contextlib.nullcontext()
+    return _NO_CONTEXT  # autocast is off already (the usual case, and always in backward): no cost
+
+
+_NO_CONTEXT = contextlib.nullcontext()
+
+
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` in ``dtype`` (itself when it already is: no dispatcher call on the fp32 path)."""
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -351,9 +359,10 @@ class LayerNormFunction(torch.autograd.Function):
         ctx.dtypes = (x.dtype, gamma.dtype, beta.dtype)  # what each gradient is returned in
         dt = compute_dtype(x)
         with _no_autocast(x.device):
-            y, xhat, rstd = LayerNormFunction._forward(ctx, x.to(dt), gamma.to(dt), beta.to(dt), eps)
-        ctx.save_for_backward(xhat, rstd, gamma.to(dt))
-        return y.to(x.dtype)
+            gamma = _as(gamma, dt)
+            y, xhat, rstd = LayerNormFunction._forward(ctx, _as(x, dt), gamma, _as(beta, dt), eps)
+        ctx.save_for_backward(xhat, rstd, gamma)
+        return _as(y, x.dtype)
 
     @staticmethod
     def _forward(ctx, x, gamma, beta, eps):
@@ -380,11 +389,11 @@ class LayerNormFunction(torch.autograd.Function):
             return None, None, None, None
         # dY comes in Y's dtype (the input's): a bf16/fp16 one is computed with in float32; any
         # other dtype is left as it is, for the checks below to refuse
-        dy = grad_y.to(xhat.dtype) if grad_y.dtype == ctx.dtypes[0] else grad_y
+        dy = _as(grad_y, xhat.dtype) if grad_y.dtype == ctx.dtypes[0] else grad_y
         with _no_autocast(grad_y.device):
             grads = LayerNormFunction._backward(ctx, dy, xhat, rstd, gamma, *need)
         # each gradient in its input's dtype (bf16 x with float32 γ, β: dX bf16, dγ, dβ float32)
-        return (*(None if g is None else g.to(dt) for g, dt in zip(grads, ctx.dtypes)), None)
+        return (*(None if g is None else _as(g, dt) for g, dt in zip(grads, ctx.dtypes)), None)
 
     @staticmethod
     def _backward(ctx, grad_y, xhat, rstd, gamma, need_x, need_gamma, need_beta):
