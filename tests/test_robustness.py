@@ -755,3 +755,31 @@ def test_two_reproduce_on_one_folder_are_refused(tmp_path, capsys):
         fails(["reproduce", "--out", str(out)], capsys, "is being written by process")
     finally:
         other.unlock()
+
+
+def test_a_checkpoint_that_cannot_be_written_is_one_line_and_keeps_the_last(tiny_run, monkeypatch):
+    """A full disk during the save (safetensors raises its own error type): one CheckpointError
+    naming the folder, and the previous checkpoint is intact."""
+    import safetensors.numpy
+
+    ckpt = tiny_run / "checkpoint"
+    before = snapshot(ckpt)
+    loaded = checkpoints.load(ckpt)
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(safetensors.numpy, "save_file", full)
+    with pytest.raises(CheckpointError, match="could not write the checkpoint.*No space left.*intact"):
+        checkpoints.save(ckpt, loaded.weights, {"model": loaded.model, "model_kwargs": loaded.model_kwargs},
+                         loaded.preprocess)  # fmt: skip
+    assert snapshot(ckpt) == before and not (tiny_run / "checkpoint.tmp").exists()
+
+
+def test_control_characters_never_reach_the_terminal(tmp_path, capsys):
+    evil = tmp_path / "runs" / "a\x1b[2Jb\nc"
+    evil.mkdir(parents=True)
+    (evil / "config.json").write_text("{")
+    assert main(["runs", str(tmp_path / "runs")]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "a?[2Jb?c" in out

@@ -58,12 +58,31 @@ def save(
     """Write ``folder`` (model + optional trainer state) atomically; returns it.
 
     ``meta`` holds ``model`` and ``model_kwargs``; ``format_version`` and ``preprocess`` are added.
+    A failure to write (a full disk) is one CheckpointError; the previous checkpoint stays.
     """
-    from safetensors.numpy import save_file
-
     folder = Path(folder)
     tmp, old = folder.with_name(folder.name + ".tmp"), folder.with_name(folder.name + ".old")
     shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        return _save(folder, tmp, old, weights, meta, prep, state_tensors, state_meta)
+    except Exception as e:  # a full disk (safetensors' own error type), a read-only folder...
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, CheckpointError):
+            raise
+        why = " ".join(str(e).split())[:200] or type(e).__name__
+        kept = (
+            "the previous checkpoint is intact"
+            if folder.exists()
+            else f"the previous one is in {old.name}, which --resume recovers"
+            if old.exists()
+            else "no checkpoint was kept"
+        )
+        raise CheckpointError(f"{folder}: could not write the checkpoint ({why}); {kept}") from None
+
+
+def _save(folder, tmp, old, weights, meta, prep, state_tensors, state_meta) -> Path:
+    from safetensors.numpy import save_file
+
     tmp.mkdir(parents=True)
     tensors = {k: np.asarray(v, order="C") for k, v in weights.items()}
     tensors[PREP_SHIFT] = np.asarray(prep.shift, dtype=np.float32, order="C")

@@ -198,7 +198,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (CifarlabError, OSError) as e:  # OSError: disk full, permissions... one line too
         if debug:
             raise
-        print(f"cifarlab: {_rank()}error: {reason(e, 2000)}", file=sys.stderr)
+        print(f"cifarlab: {_rank()}error: {_printable(reason(e, 2000))}", file=sys.stderr)
         return 2
     except Exception as e:  # an error nobody expected (a bug): still one line, the traceback on --debug
         if debug:
@@ -213,6 +213,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         why = re.sub(r"^(cifarlab: )?(rank \d+ )?interrupted:? ?", "", str(e))  # a run's own line, once
         print(f"cifarlab: {_rank()}interrupted{': ' + why if why else ''}", file=sys.stderr)
         return 130
+
+
+def _printable(text: str) -> str:
+    """An error line with no control characters (a hostile path could hold escape sequences)."""
+    return "".join("?" if ord(c) < 32 or 127 <= ord(c) < 160 else c for c in text)
 
 
 def _rank() -> str:

@@ -293,7 +293,17 @@ def render(rows: Sequence[Row]) -> str:
     return "\n".join(lines)
 
 
+def printable(text: Any) -> str:
+    """A value for the terminal: control characters (escape sequences, newlines) as '?', so a
+    hostile run name cannot move the cursor, recolour or fake lines of the table."""
+    return "".join("?" if ord(c) < 32 or 127 <= ord(c) < 160 else c for c in str(text))
+
+
 def _cells(r: Row) -> list[str]:
+    return [printable(c) for c in _raw_cells(r)]
+
+
+def _raw_cells(r: Row) -> list[str]:
     steps = f"{_text(r.steps)}/{_text(r.max_steps)}"
     state = r.status if r.note is None else f"{r.status}: {r.note}"
     return [
