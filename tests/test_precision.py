@@ -86,7 +86,11 @@ def test_numpy_mlp_refuses_bf16_in_one_line(synthetic, tmp_path, capsys):
     code = main(["train", "mlp-numpy", "--dnn-hidden-units", "8", *TINY, "--precision", "bf16",
                  "--data-dir", str(synthetic[0]), "--out", str(tmp_path / "run")])  # fmt: skip
     err = capsys.readouterr().err
-    assert code == 2 and "--precision" in err and len(err.strip().splitlines()) == 1
+    assert (
+        code == 2
+        and "--precision bf16: the NumPy MLP has no autocast" in err
+        and len(err.strip().splitlines()) == 1
+    )
     assert not (tmp_path / "run").exists()
 
 

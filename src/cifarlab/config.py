@@ -162,6 +162,11 @@ class TrainConfig:
                 raise UsageError(f"{flag(f.name)} must be {name}, got {value!r}")
             if meta.get("choices") and value not in meta["choices"]:
                 raise UsageError(f"{flag(f.name)} must be one of {', '.join(meta['choices'])}; got {value!r}")
+            if f.name == "precision" and not self.torch_trainer and value not in ("auto", "fp32"):
+                raise UsageError(
+                    f"--precision {value}: the NumPy MLP has no autocast; it computes in --dtype "
+                    "(float32 or float64). bf16/fp16 are for the torch models (e.g. cifarlab train mlp)"
+                )
             lo, hi, lo_open, hi_open = meta.get("range", (None, None, False, False))
             if lo is None and hi is None:
                 continue
@@ -174,7 +179,12 @@ class TrainConfig:
                     raise UsageError(
                         f"{flag(f.name)} must be in {_interval(lo, hi, lo_open, hi_open)}, got {v}"
                     )
-            if f.metadata.get("torch_only") and not self.torch_trainer and value != f.default:
+            if (
+                f.metadata.get("torch_only")
+                and not self.torch_trainer
+                and value != f.default
+                and f.name != "precision"
+            ):
                 raise UsageError(f"{flag(f.name)} is a torch trainer setting; the NumPy trainer has none")
         if self.schedule != "onecycle" and (self.lr_start or self.lr_end or self.lr_peak != 0.25):
             raise UsageError(
@@ -302,8 +312,8 @@ def add_config_args(parser: argparse.ArgumentParser, defaults: TrainConfig, pres
     group = parser.add_argument_group(f"settings (defaults shown are the {first} preset's)")
     hints = typing.get_type_hints(type(defaults))
     for f in dataclasses.fields(defaults):
-        if f.metadata.get("torch_only") and not defaults.torch_trainer:
-            continue
+        if f.metadata.get("torch_only") and not defaults.torch_trainer and f.name != "precision":
+            continue  # (--precision stays, so that asking the NumPy MLP for bf16 is refused by name)
         tp = _base_type(hints[f.name])
         flags = [flag(f.name)] + ([f"--{f.name}"] if "_" in f.name else [])
         value = getattr(defaults, f.name)
