@@ -60,6 +60,8 @@ def test_train_then_eval_reproduces_the_final_numbers(synthetic, tmp_path, model
         assert main([*args, "--data-dir", str(synthetic[0]), "--out", str(run)]) == 0
         config = json.loads((run / "config.json").read_text())
         assert config["distributed"]["precision"] == precision  # the resolved precision is recorded
+        if model.startswith("mlp-layernorm-") and model.split("-")[-1] in ("kernel", "eager"):
+            assert config["distributed"]["layernorm_backend"] == layernorm.active_backend()
         weights = load_file(str(run / "checkpoint" / "model.safetensors"))
         floats = {k: v.dtype for k, v in weights.items() if v.dtype.kind == "f"}
         assert floats and set(floats.values()) == {np.dtype(np.float32)}, floats  # checkpoints stay fp32

@@ -339,13 +339,18 @@ class TorchLearner:
 
     def runtime(self) -> dict[str, Any]:
         """Where and how this run computes, for config.json."""
-        return {
+        out = {
             "device": describe(self.device),
             "precision": self.precision,
             "world_size": self.dist.world_size,
             "backend": self.backend,
             "sync_bn": bool(self.cfg.sync_bn and self.dist.active),
         }
+        from cifarlab.layernorm import LayerNormManual, active_backend
+
+        if any(isinstance(m, LayerNormManual) for m in self.model.modules()):
+            out["layernorm_backend"] = active_backend()  # the C kernel or eager ops (CIFARLAB_LAYERNORM)
+        return out
 
     def threads(self) -> int:
         return torch.get_num_threads()
