@@ -94,7 +94,7 @@ def tiny_run(synthetic, tmp_path):
             "--weights /nonexistent/vgg13-19584684.pth: no such file",
         ),
         ("mlp-numpy", ["--device", "cpu"], "unrecognized arguments: --device"),
-        ("mlp-numpy", ["--precision", "bf16"], "unrecognized arguments: --precision"),
+        ("mlp-numpy", ["--precision", "bf16"], "--precision bf16: the NumPy MLP has no autocast"),
         ("fast", ["--tta", "3"], "--tta must be in [0, 2]"),
         ("fast", ["--widths", "64,0,256"], "layer sizes must be positive"),
         ("fast", ["--widths", "64,5000,256"], "--widths must be in [1, 4096]"),

@@ -334,6 +334,9 @@ class Report:
             runs = [
                 r for r in self.found.runs if r.path not in claimed and matches(r.config, model, settings)
             ]
+            # runs made for this experiment by `reproduce` (named after it) come first: two
+            # experiments with the same settings (quick Table 1 rows 3 and 4) keep their own
+            runs = [r for r in runs if r.path.name.startswith(f"{exp.name}-seed")] or runs
             if runs:
                 self.budgets_seen.add(budget)
                 claimed.update(r.path for r in runs)
