@@ -5,7 +5,7 @@ VENV   ?= .venv
 TORCH  ?= torch==2.13.0
 BIN     = $(VENV)/bin
 
-.PHONY: demo test lint format bench clean
+.PHONY: demo test lint format bench clean regenerate
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,6 +20,9 @@ demo: $(BIN)/.installed  ## the whole study in miniature (~3 min on 2 cores): 31
 test: $(BIN)/.installed  ## ruff + the test suite (~3.5 min on a quiet 2-core AVX512-BF16 CPU, real data present)
 	$(BIN)/ruff check src tests benchmarks scripts
 	$(BIN)/python -m pytest
+
+regenerate: $(BIN)/.installed  ## docs/report and the generated tables of README.md and docs/results.md, from results/
+	$(BIN)/cifarlab report results --out docs/report --readme README.md --readme docs/results.md
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check src tests benchmarks scripts

@@ -147,6 +147,19 @@ def test_every_results_run_is_found_by_its_settings():
     assert not matches(by_name["convnet-seed"].config, model, settings)  # quick is not full
 
 
+def test_fast_runs_before_and_after_the_default_changed_keep_their_experiments():
+    """results/fast-v1 was recorded before Lookahead & co. existed (config.json lacks them):
+    they read as off, so those runs stay fast-v1's and never count for the new default."""
+    found = report.find_runs([REPO / "results"])
+    exps = {e.name: e for e in catalogue() if e.name.startswith("fast")}
+    settings = {name: expected_settings(e, "full") for name, e in exps.items()}
+    expect = {"fast-v1": "fast-v1/s0", "fast": "fast/s0", "fast-lookahead": "round4/fast4-all-s0"}
+    for name, rel in expect.items():
+        run = next(r for r in found.runs if r.path.as_posix().endswith(rel))
+        assert [n for n, (m, st) in settings.items() if matches(run.config, m, st)] == [name], rel
+    assert settings["fast"][1]["whiten_bias_epochs"] == 3 and settings["fast"][1]["lookahead"] == 5
+
+
 def test_markdown_inline_to_html_escapes():
     out = report._inline_html("a <b> `x<y>` **bold** [run](../runs/a b)")
     assert "&lt;b&gt;" in out and "<code>x&lt;y&gt;</code>" in out and "<strong>bold</strong>" in out
@@ -306,10 +319,25 @@ def test_the_report_is_a_function_of_its_inputs(tmp_path, synthetic):
     assert b"layernorm-somecpu.txt" in pages[0][0]
 
 
-def test_readme_headline_table_is_generated_from_results():
-    """The README's results table is what `cifarlab report results --readme README.md` writes:
-    a number edited by hand (or a run added to results/ without regenerating) fails here."""
-    text = (REPO / "README.md").read_text()
+@pytest.mark.parametrize("doc", ["README.md", "docs/results.md"])
+def test_headline_tables_are_generated_from_results(doc):
+    """README's and docs/results.md's results tables are what `cifarlab report results --readme
+    README.md --readme docs/results.md` writes: a number edited by hand (or a run added to
+    results/ without regenerating) fails here."""
+    path = REPO / doc
+    text = path.read_text()
     assert text.count(report.HEADLINE_BEGIN) == 1 and text.count(report.HEADLINE_END) == 1
     region = text.split(report.HEADLINE_BEGIN)[1].split(report.HEADLINE_END)[0].strip()
-    assert region == report.headline_table([REPO / "results"], REPO)
+    assert region == report.headline_table([REPO / "results"], path.parent)
+
+
+def test_fast_ablation_table_in_the_docs_is_generated():
+    """docs/results.md quotes scripts/fast_ablation_table.py's output verbatim."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "fast_ablation_table", REPO / "scripts/fast_ablation_table.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.table() in (REPO / "docs/results.md").read_text()

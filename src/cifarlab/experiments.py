@@ -110,11 +110,15 @@ def catalogue() -> list[Experiment]:
                    quick=_QUICK_CONV),
         Experiment("efficientnet-best", "beyond", "EfficientNet-Lite0, best preset",
                    ("efficientnet_lite0", "--preset", "best"), quick=_QUICK_TRANSFER),
-        Experiment("fast", "beyond", "the fast recipe (airbench-style), from scratch", ("fast",),
+        Experiment("fast", "beyond", "the fast recipe (airbench94's parts), from scratch", ("fast",),
                    quick=("--max-steps", "2", "--batch-size", "128", "--eval-freq", "2", "--test-images", "200")),
-        Experiment("fast-lookahead", "beyond", "the same with Lookahead, schedule ends and bias decay",
-                   ("fast", "--lookahead", "5", "--decay-biases", "--lr-start", "0.2", "--lr-end", "0.07"),
+        Experiment("fast-lookahead", "beyond", "fast without the 23 % peak and the whitening-bias freeze",
+                   ("fast", "--lr-peak", "0.25", "--whiten-bias-epochs", "0"),
                    quick=("--max-steps", "3", "--batch-size", "128", "--eval-freq", "3", "--test-images", "200")),
+        Experiment("fast-v1", "beyond", "fast as it was: no Lookahead, schedule ends, bias decay or freeze",
+                   ("fast", "--lookahead", "0", "--lr-start", "0", "--lr-end", "0", "--lr-peak", "0.25",
+                    "--no-decay-biases", "--whiten-bias-epochs", "0"),
+                   quick=("--max-steps", "4", "--batch-size", "128", "--eval-freq", "4", "--test-images", "200")),
     ]  # fmt: skip
     return exps
 
