@@ -156,6 +156,35 @@ def test_cli_trains_fast_end_to_end(synthetic, tmp_path):
     assert main(["eval", str(out), "--data-dir", str(synthetic[0])]) == 0  # the checkpoint rebuilds the net
 
 
+def test_only_the_last_evaluations_see_the_whole_test_set(synthetic, tmp_path):
+    """--full-evals 1: the evaluations before the last are a quick one-view check of
+    --quick-eval-images test images (recorded as such); the final one sees them all, and its
+    accuracy is the summary's, the same as a run evaluating fully each time."""
+    from cifarlab.recipes import FastConfig
+
+    cfg = FastConfig(max_steps=10, eval_freq=3, full_evals=2, quick_eval_images=7)
+    assert [cfg.quick_check_images(s) for s in (3, 6, 9, 10)] == [7, 7, 0, 0]  # 4 evaluations, last 2 full
+    assert [FastConfig(max_steps=9, eval_freq=3, full_evals=1).quick_check_images(s) for s in (3, 6, 9)] == [
+        2000, 2000, 0,
+    ]  # fmt: skip
+    assert FastConfig(max_steps=10, eval_freq=3).quick_check_images(3) == 0  # field default: all full
+    common = ["train", "fast", "--data-dir", str(synthetic[0]), "--no-progress", "--widths", "8,8,8",
+              "--batch-size", "20", "--max-steps", "6", "--eval-freq", "2", "--precision", "fp32"]  # fmt: skip
+    assert (
+        main([*common, "--out", str(tmp_path / "quick"), "--quick-eval-images", "7"]) == 0
+    )  # default: 1 full
+    assert main([*common, "--out", str(tmp_path / "full"), "--full-evals", "0"]) == 0
+    quick, full = (
+        [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        for name in ("quick", "full")
+    )
+    assert [r.get("test_images") for r in quick if "test_acc" in r] == [7, 7, None]
+    assert all("test_images" not in r for r in full)
+    summaries = [json.loads((tmp_path / n / "summary.json").read_text()) for n in ("quick", "full")]
+    assert summaries[0]["test_accuracy"] == summaries[1]["test_accuracy"]
+    assert summaries[0]["test_loss"] == summaries[1]["test_loss"]
+
+
 def _prep() -> Preprocess:
     return Preprocess.fit("standard", np.arange(2 * 32 * 32 * 3, dtype=np.uint8).reshape(2, 32, 32, 3))
 

@@ -37,7 +37,9 @@ LAYERNORMS = ("function", "autograd", "torch")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # see cifarlab.devices.resolve_precision
 # settings that change neither the weights nor the batches of a run: a resumed run may change
 # them, and runs that differ only in them are the same experiment
-BOOKKEEPING = frozenset({"eval_freq", "threads", "log_freq", "eval_batch_size", "interim_tta"})
+BOOKKEEPING = frozenset(
+    {"eval_freq", "threads", "log_freq", "eval_batch_size", "interim_tta", "full_evals", "quick_eval_images"}
+)
 MAX_PARAMETER_BYTES = 4 << 30  # a model over 4 GiB of float32 parameters is refused
 
 C = TypeVar("C", bound="TrainConfig")
@@ -236,6 +238,11 @@ class TrainConfig:
         """Does ``before_step`` freeze parameters during the run? (DDP must then look for
         parameters that stopped taking part.)"""
         return False
+
+    def quick_check_images(self, step: int) -> int:
+        """How many test images the evaluation after ``step`` looks at, as a quick one-view
+        check; 0: a full evaluation (the default: every evaluation is full)."""
+        return 0
 
     def evaluating(self, model: Any, final: bool) -> contextlib.AbstractContextManager:
         """The context the trainer evaluates ``model`` in; ``final`` marks a run's last

@@ -222,6 +222,10 @@ def fit(
         flip=cfg.flip,
     )
     train_data, test_data = learner.put(x_train, y_train), learner.put(x_test, y_test)
+    quick = {  # the test images of each quick check (cfg.quick_check_images), put once
+        n: learner.put(x_test[:n], y_test[:n])
+        for n in {cfg.quick_check_images(s) for s in range(cfg.eval_freq, cfg.max_steps, cfg.eval_freq)} - {0}
+    }
     val_data = learner.put(*val) if val is not None else None  # held out of x_train by split_data
     resumed = state is not None
     # checkpoints name their run (a run directory made by hand, as in tests, may have no config)
@@ -267,11 +271,15 @@ def fit(
     def evaluate() -> dict[str, Any]:
         t_eval = time.perf_counter()
         final = state.step == cfg.max_steps  # a fast model may evaluate earlier ones more cheaply
-        ev = learner.evaluate(test_data, final=final)
-        if val_data is not None:
-            ev["val"] = learner.evaluate(val_data, final=final)
+        n_quick = cfg.quick_check_images(state.step)
+        if n_quick:  # a quick look at the first test images, one view: no validation
+            ev = {**learner.evaluate(quick[n_quick], final=False), "images": min(n_quick, len(x_test))}
+        else:
+            ev = learner.evaluate(test_data, final=final)
+            if val_data is not None:
+                ev["val"] = learner.evaluate(val_data, final=final)
         state.eval_seconds += time.perf_counter() - t_eval
-        state.eval_images += len(x_test) + (len(val[1]) if val is not None else 0)
+        state.eval_images += ev.get("images") or len(x_test) + (len(val[1]) if val is not None else 0)
         return ev
 
     def make_record(lr: float, ev: dict[str, Any] | None) -> dict[str, Any]:
@@ -287,6 +295,8 @@ def fit(
             record |= {"val_loss": ev["val"]["loss"], "val_acc": ev["val"]["acc"]}
         if ev is not None:
             record |= {"test_loss": ev["loss"], "test_acc": ev["acc"]}
+            if "images" in ev:  # a quick check: on this many test images only
+                record["test_images"] = ev["images"]
         record |= {"seconds": round(time.perf_counter() - t0, 3), "lr": lr}
         if ev is not None and cfg.log_grad_norms:
             record |= learner.step_metrics()

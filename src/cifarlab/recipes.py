@@ -128,6 +128,16 @@ class FastConfig(TrainConfig):
     interim_tta: int = setting(
         0, "--tta level of the evaluations before the last (6 views cost 6x; the last uses --tta)", lo=0, hi=2
     )
+    full_evals: int = setting(
+        0,
+        "only the last N evaluations see the whole test set (the last with --tta); earlier ones are "
+        "a quick one-view check of --quick-eval-images images (for the curves and time_to_accuracy); "
+        "0: every evaluation is full",
+        lo=0,
+    )
+    quick_eval_images: int = setting(
+        2000, "test images of a quick check (see --full-evals)", lo=1, hi=10**6
+    )  # fmt: skip
     whiten_bias_epochs: float = setting(
         0.0, "train the whitening layer's bias for this many epochs, then freeze it (its backward pass is "
         "skipped from then on); 0: it trains all run", lo=0, hi=10**6,
@@ -144,6 +154,15 @@ class FastConfig(TrainConfig):
 
     def model_kwargs(self) -> dict[str, Any]:
         return {"widths": list(self.widths), "tta": self.tta}
+
+    def quick_check_images(self, step: int) -> int:
+        """Evaluations come after steps eval_freq, 2 eval_freq, ... and max_steps; all but the
+        last ``full_evals`` of them are quick (a function of the step: a resumed run agrees)."""
+        if not self.full_evals:
+            return 0
+        count = -(-self.max_steps // self.eval_freq)  # evaluations in the run
+        index = count if step >= self.max_steps else step // self.eval_freq
+        return self.quick_eval_images if index <= count - self.full_evals else 0
 
     def before_step(self, model: Any, epoch: float) -> None:
         """After ``whiten_bias_epochs`` the whitening layer has nothing left to learn: with its
@@ -293,6 +312,7 @@ FAST = {
     "lr_end": 0.07,
     "decay_biases": True,  # BatchNorm biases shrink per step like the weights
     "whiten_bias_epochs": 3.0,  # then frozen: its backward pass is skipped for the other 70 %
+    "full_evals": 1,  # the final evaluation sees all 10,000 test images (6 views); earlier ones 2000, 1 view
 }
 
 
