@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
-import re
 import sys
 from collections.abc import Sequence
 
 from cifarlab import __version__
 from cifarlab.config import PRECISIONS, add_data_args, add_device_arg
 from cifarlab.config import ArgumentParser as _Parser
-from cifarlab.errors import CifarlabError, UsageError, reason, unexpected
+from cifarlab.errors import UsageError, run_command
 
 SWEEPS: dict[str, tuple[str, str]] = {
     "table1": ("cifarlab.sweeps.table1", "the seed's Table 1: seven PyTorch MLP configurations"),
@@ -125,11 +123,8 @@ def _dispatch(kind: str, args: argparse.Namespace) -> int:
     sp = _Parser(prog=f"cifarlab {kind} {args.target}", description=table[args.target])
     if kind == "train":
         from cifarlab import loop
-        from cifarlab.recipes import RECIPES
 
-        recipe = RECIPES[args.target]
-        loop.add_arguments(sp, recipe)
-        return loop.main(recipe, sp.parse_args(args.rest))
+        return loop.train_command([args.target, *args.rest])
     module = importlib.import_module(SWEEPS[args.target][0])
     module.add_arguments(sp)
     return module.main(sp.parse_args(args.rest)) or 0
@@ -178,53 +173,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
 
-    try:
-        if argv[:1] in (["train"], ["sweep"]) and (len(argv) == 1 or argv[1] in ("-h", "--help")):
-            return _dispatch(argv[0], argparse.Namespace(target=(argv[1:] or [None])[0], rest=[]))
-        parser = _build_parser()
-        args = parser.parse_args(argv)
-        if args.command is None:
-            parser.print_help()
-            return 2
-        if args.command == "data":
-            return _data_command(args)
-        if args.command in ("train", "sweep"):
-            return _dispatch(args.command, args)
-        if args.command in TOOLS:
-            return importlib.import_module(TOOLS[args.command][0]).main(args) or 0
-        from cifarlab import inference  # eval / predict
+    return run_command(lambda: _run(argv), debug)
 
-        return inference.main(args)
-    except (CifarlabError, OSError) as e:  # OSError: disk full, permissions... one line too
-        if debug:
-            raise
-        print(f"cifarlab: {_rank()}error: {_printable(reason(e, 2000))}", file=sys.stderr)
+
+def _run(argv: list[str]) -> int:
+    if argv[:1] in (["train"], ["sweep"]) and (len(argv) == 1 or argv[1] in ("-h", "--help")):
+        return _dispatch(argv[0], argparse.Namespace(target=(argv[1:] or [None])[0], rest=[]))
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
         return 2
-    except Exception as e:  # an error nobody expected (a bug): still one line, the traceback on --debug
-        if debug:
-            raise
-        print(
-            f"cifarlab: {_rank()}error: {unexpected(e, 2000)} (an unexpected error: rerun with --debug for the "
-            "traceback, and report it)",
-            file=sys.stderr,
-        )
-        return 1
-    except KeyboardInterrupt as e:
-        why = re.sub(r"^(cifarlab: )?(rank \d+ )?interrupted:? ?", "", str(e))  # a run's own line, once
-        print(f"cifarlab: {_rank()}interrupted{': ' + why if why else ''}", file=sys.stderr)
-        return 130
+    if args.command == "data":
+        return _data_command(args)
+    if args.command in ("train", "sweep"):
+        return _dispatch(args.command, args)
+    if args.command in TOOLS:
+        return importlib.import_module(TOOLS[args.command][0]).main(args) or 0
+    from cifarlab import inference  # eval / predict
 
-
-def _printable(text: str) -> str:
-    """An error line with no control characters (a hostile path could hold escape sequences)."""
-    return "".join("?" if ord(c) < 32 or 127 <= ord(c) < 160 else c for c in text)
-
-
-def _rank() -> str:
-    """'rank N ' under torchrun (whose ranks all print), else ''."""
-    return (
-        f"rank {os.environ.get('RANK', '?')} " if os.environ.get("WORLD_SIZE", "1") not in ("", "1") else ""
-    )
+    return inference.main(args)
 
 
 if __name__ == "__main__":

@@ -23,18 +23,18 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from cifarlab.choices import (  # noqa: F401 (the flags' choices, re-exported)
+    ACTIVATIONS,
+    LAYERNORMS,
+    NORMS,
+    NUMPY_ACTIVATIONS,
+    OPTIMIZERS,
+    PRECISIONS,
+    PREPROCESSINGS,
+)
 from cifarlab.errors import UsageError
 from cifarlab.schedules import SCHEDULES
 
-PREPROCESSINGS = ("seed", "standard", "imagenet", "tf")  # see cifarlab.data.Preprocess
-OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
-ACTIVATIONS = ("elu", "relu", "tanh", "gelu")
-NUMPY_ACTIVATIONS = ("elu", "relu", "tanh")  # the NumPy MLP has no GELU
-NORMS = ("none", "batch", "layer")
-# --norm layer's implementation (cifarlab.layernorm): the autograd.Function with the hand-written
-# backward (its C kernel or eager ops: CIFARLAB_LAYERNORM), the autograd-derived module, or torch's
-LAYERNORMS = ("function", "autograd", "torch")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # see cifarlab.devices.resolve_precision
 # settings that change neither the weights nor the batches of a run: a resumed run may change
 # them, and runs that differ only in them are the same experiment
 BOOKKEEPING = frozenset(

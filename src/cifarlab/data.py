@@ -26,9 +26,9 @@ from typing import Any
 
 import numpy as np
 
-from cifarlab.config import PREPROCESSINGS
+from cifarlab.choices import PREPROCESSINGS
 from cifarlab.errors import DataError, UsageError
-from cifarlab.runs import check_writable_dir
+from cifarlab.files import check_writable_dir
 
 CLASSES: tuple[str, ...] = tuple("airplane automobile bird cat deer dog frog horse ship truck".split())
 

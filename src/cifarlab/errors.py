@@ -1,5 +1,13 @@
-"""Every error cifarlab expects is a ``CifarlabError``: ``cli.main`` prints its message as one
-line on stderr and exits with status 2 (``--debug`` shows the traceback instead)."""
+"""Every error cifarlab expects is a ``CifarlabError``: :func:`run_command` (what ``cli.main``
+and an in-process sweep run call) prints its message as one line on stderr and returns exit
+status 2 (``--debug`` shows the traceback instead)."""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from collections.abc import Callable
 
 
 class CifarlabError(Exception):
@@ -62,3 +70,41 @@ def json_safe(obj):
     if isinstance(obj, (list, tuple)):
         return [json_safe(v) for v in obj]
     return obj
+
+
+def run_command(command: Callable[[], int | None], debug: bool = False) -> int:
+    """Run one cifarlab command and return its exit status: 0 (or what it returns); 2 with one
+    line on stderr for an expected error or an OSError (disk full, permissions...); 1 with one
+    line for an error nobody expected (a bug); 130 on Ctrl-C. ``debug`` re-raises instead."""
+    try:
+        return command() or 0
+    except (CifarlabError, OSError) as e:
+        if debug:
+            raise
+        print(f"cifarlab: {_rank()}error: {_printable(reason(e, 2000))}", file=sys.stderr)
+        return 2
+    except Exception as e:
+        if debug:
+            raise
+        print(
+            f"cifarlab: {_rank()}error: {unexpected(e, 2000)} (an unexpected error: rerun with --debug for the "
+            "traceback, and report it)",
+            file=sys.stderr,
+        )
+        return 1
+    except KeyboardInterrupt as e:
+        why = re.sub(r"^(cifarlab: )?(rank \d+ )?interrupted:? ?", "", str(e))  # a run's own line, once
+        print(f"cifarlab: {_rank()}interrupted{': ' + why if why else ''}", file=sys.stderr)
+        return 130
+
+
+def _printable(text: str) -> str:
+    """An error line with no control characters (a hostile path could hold escape sequences)."""
+    return "".join("?" if ord(c) < 32 or 127 <= ord(c) < 160 else c for c in text)
+
+
+def _rank() -> str:
+    """'rank N ' under torchrun (whose ranks all print), else ''."""
+    return (
+        f"rank {os.environ.get('RANK', '?')} " if os.environ.get("WORLD_SIZE", "1") not in ("", "1") else ""
+    )

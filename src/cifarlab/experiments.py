@@ -28,8 +28,8 @@ class Experiment:
     section: str  # the report section it belongs to (see SECTIONS)
     label: str  # how tables name it
     argv: tuple[str, ...]  # `cifarlab train` arguments, model first, without --seed
+    quick: tuple[str, ...]  # flags added (or replacing the full ones) in the quick budget
     seeds: int = 1
-    quick: tuple[str, ...] = ("--max-steps", "200", "--eval-freq", "100")  # added in the quick budget
     seed_result: float | None = None  # the seed report's test accuracy, where it has one
 
     def command(self, budget: str, seed: int = FIRST_SEED) -> list[str]:

@@ -17,7 +17,7 @@ import numpy as np
 
 from cifarlab.data import CLASSES, load_cifar10
 from cifarlab.errors import CheckpointError, UsageError, json_safe, reason
-from cifarlab.runs import atomic_write_json, check_writable_dir
+from cifarlab.files import atomic_write_json, check_writable_dir
 
 
 def load_classifier(

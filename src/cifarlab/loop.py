@@ -626,6 +626,20 @@ def _shutdown(dist: Dist) -> None:
         distributed.shutdown()
 
 
+def train_command(argv: list[str]) -> int:
+    """``cifarlab train MODEL [flags]``: MODEL's own parser, then :func:`main` (what the CLI and
+    an in-process sweep run both call)."""
+    from cifarlab.config import ArgumentParser
+    from cifarlab.recipes import RECIPES
+
+    if not argv or argv[0] not in RECIPES:
+        raise UsageError(f"unknown train target {argv[:1]}; choose one of: {', '.join(RECIPES)}")
+    recipe = RECIPES[argv[0]]
+    p = ArgumentParser(prog=f"cifarlab train {recipe.name}", description=recipe.description)
+    add_arguments(p, recipe)
+    return main(recipe, p.parse_args(argv[1:]))
+
+
 def main(recipe: Recipe, args: argparse.Namespace) -> int:
     """``cifarlab train <recipe>``: everything is validated and loaded before the run directory
     is created (or, to resume, changed); then it is locked and trained."""

@@ -11,13 +11,10 @@ matplotlib.use("Agg")  # no display on servers and CI
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from cifarlab.runs import evaluations  # noqa: E402
 
-
-def plot_curves(metrics: Sequence[dict], path: Path, title: str = "") -> Path:
+def plot_curves(metrics: Sequence[dict], tests: Sequence[dict], path: Path, title: str = "") -> Path:
     """Loss and accuracy vs step (the seed's figures 1-4, saved): the train curve from every
-    metrics record, the test curve from the evaluations among them."""
-    tests = evaluations(metrics)
+    metrics record, the test curve from ``tests``, the evaluations among them."""
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
     for key, ax in (("loss", ax_loss), ("acc", ax_acc)):
         ax.plot([m["step"] for m in metrics], [m[f"train_{key}"] for m in metrics], "-", label="train")

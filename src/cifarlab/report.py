@@ -90,7 +90,7 @@ MANIFEST = ".cifarlab-report.json"  # the files the last report wrote: the only 
 def check_out(out: Path) -> None:
     """The report folder: new, empty, or an earlier report (whose own files are replaced;
     anything else in it is left alone)."""
-    from cifarlab.runs import check_writable_dir
+    from cifarlab.files import check_writable_dir
 
     check_writable_dir(out, "--out")
     if out.is_dir() and any(out.iterdir()) and not (out / "REPORT.md").is_file():
@@ -118,7 +118,7 @@ def _manifest(out: Path) -> list[str]:
 def _swap_in(built: Path, out: Path) -> None:
     """Move the report built in ``built`` into ``out``, file by file (each replace atomic), then
     remove what the previous report wrote and this one did not; other files are not touched."""
-    from cifarlab.runs import atomic_write_json
+    from cifarlab.files import atomic_write_json
 
     new = sorted(p.relative_to(built).as_posix() for p in built.rglob("*") if p.is_file())
     old = _manifest(out)
@@ -586,7 +586,7 @@ def write_report(
 ) -> tuple[Path, Path, Found]:
     """Find the runs under ``paths`` and write ``out``/index.html and REPORT.md; ``failed``
     (experiment name -> log) marks the experiments whose runs failed."""
-    from cifarlab.runs import atomic_write_bytes
+    from cifarlab.files import atomic_write_bytes
 
     missing = [p for p in paths if not p.exists()]
     if missing:
@@ -627,7 +627,7 @@ def headline_table(paths: list[Path], base: Path) -> str:
 
 def write_headline(readme: Path, paths: list[Path]) -> None:
     """Replace the lines between HEADLINE_BEGIN and HEADLINE_END in ``readme`` with the table."""
-    from cifarlab.runs import atomic_write_bytes
+    from cifarlab.files import atomic_write_bytes
 
     if not readme.is_file():
         raise UsageError(f"--readme {readme}: no such file")

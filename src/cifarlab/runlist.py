@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from cifarlab.errors import CheckpointError, CifarlabError, UsageError, json_safe
-from cifarlab.runs import RunDir, parse_json, read_bytes
+from cifarlab.files import parse_json, read_bytes
+from cifarlab.runs import RunDir
 
 STATUSES = ("finished", "running", "diverged", "interrupted", "damaged")
 NOT_RUNS = ("checkpoint", "checkpoint.tmp", "checkpoint.old")  # a run's own folders, never searched

@@ -8,12 +8,12 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from cifarlab.config import LAYERNORMS, NORMS
+from cifarlab.choices import LAYERNORMS, NORMS
 from cifarlab.registry import register_model
 
 __all__ = ["ACTIVATION_LAYERS", "MLP", "mlp"]
 
-# the layer of each name in cifarlab.config.ACTIVATIONS (the one list of choices)
+# the layer of each name in cifarlab.choices.ACTIVATIONS (the one list of choices)
 ACTIVATION_LAYERS: dict[str, type[nn.Module]] = {
     "elu": nn.ELU,
     "relu": nn.ReLU,
@@ -23,7 +23,7 @@ ACTIVATION_LAYERS: dict[str, type[nn.Module]] = {
 
 
 def _layer_norm(n: int, impl: str) -> nn.Module:
-    """A layer norm over ``n`` features, by ``impl`` (one of cifarlab.config.LAYERNORMS)."""
+    """A layer norm over ``n`` features, by ``impl`` (one of cifarlab.choices.LAYERNORMS)."""
     from cifarlab.layernorm import LayerNormAutograd, LayerNormManual
 
     layers = {"function": LayerNormManual, "autograd": LayerNormAutograd, "torch": nn.LayerNorm}

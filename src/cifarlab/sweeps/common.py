@@ -23,9 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cifarlab.config import PRECISIONS, ArgumentParser, add_data_args, add_device_arg, flag, given_flags
-from cifarlab.errors import UsageError, unexpected
+from cifarlab.errors import UsageError
+from cifarlab.files import atomic_write_bytes, check_writable_dir
 from cifarlab.recipes import RECIPES
-from cifarlab.runs import RunDir, atomic_write_bytes, check_writable_dir
+from cifarlab.runs import RunDir
 
 
 @dataclass
@@ -261,19 +262,17 @@ def run_all(
 
 
 def _run_here(argv: list[str], log) -> tuple[int, str]:
-    """`cifarlab *argv` in this process, its output into ``log``: (exit status, its stderr)."""
+    """`cifarlab *argv` (a train command) in this process, its output into ``log``: (exit
+    status, its stderr). A bug in one run is that run's failure: the others go on."""
     import contextlib
     import io
 
-    from cifarlab.cli import main
+    from cifarlab.errors import run_command
+    from cifarlab.loop import train_command
 
     err = io.StringIO()
     with contextlib.redirect_stdout(log), contextlib.redirect_stderr(err):
-        try:
-            code = main(argv)
-        except Exception as e:  # a bug in one run must not end the others: it is that run's failure
-            code = 1
-            print(f"cifarlab: error: {unexpected(e)}", file=sys.stderr)
+        code = run_command(lambda: train_command(argv[1:]))
     log.write(err.getvalue())
     if code == 130:  # Ctrl-C reached the run (which checkpointed): stop the sweep too
         raise KeyboardInterrupt(err.getvalue().strip().splitlines()[-1] if err.getvalue().strip() else "")
