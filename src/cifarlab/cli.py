@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 
 from cifarlab import __version__
-from cifarlab.config import PRECISIONS, add_data_args, add_device_arg
+from cifarlab.config import PRECISIONS, add_data_args, add_device_arg, add_progress_arg
 from cifarlab.config import ArgumentParser as _Parser
 from cifarlab.errors import UsageError, run_command
 
@@ -60,7 +60,7 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     d.add_argument("--url", help="mirror URL of cifar-10-binary.tar.gz")
     d.add_argument("--md5", help="expected md5 of the tarball at --url")
-    d.add_argument("--no-progress", dest="progress", action="store_false")
+    add_progress_arg(d)
     v = dsub.add_parser("verify", help="check every file against its official md5")
     v.add_argument(
         "--data-dir", metavar="DIR", help="folder to check (default: $CIFARLAB_DATA or ~/.cache/cifarlab)"

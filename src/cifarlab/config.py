@@ -380,6 +380,11 @@ def add_device_arg(p: argparse.ArgumentParser) -> None:
     )
 
 
+def add_progress_arg(p: argparse.ArgumentParser, what: str = "no progress bar") -> None:
+    """--no-progress (args.progress False), for every command with a progress bar."""
+    p.add_argument("--no-progress", dest="progress", action="store_false", help=what)
+
+
 def add_data_args(p: argparse.ArgumentParser) -> None:
     """--data-dir and --no-verify, for every command that reads CIFAR-10."""
     p.add_argument(

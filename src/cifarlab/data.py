@@ -371,6 +371,14 @@ def class_counts(labels: np.ndarray) -> np.ndarray:
     return np.bincount(labels, minlength=len(CLASSES))
 
 
+def confusion_matrix(labels: np.ndarray, predicted: np.ndarray) -> np.ndarray:
+    """(C, C) int64 counts, rows the true class and columns the predicted one; its trace over
+    its sum is the accuracy. The one place every evaluation counts its hits."""
+    c = len(CLASSES)
+    pairs = np.asarray(labels, dtype=np.int64) * c + np.asarray(predicted, dtype=np.int64)
+    return np.bincount(pairs, minlength=c * c).reshape(c, c)
+
+
 def channel_stats(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel mean and std of uint8 NHWC images, in 0..255 units (float64). From each
     channel's histogram of the 256 values: Σv and Σv² are then exact integers, and this is 3x

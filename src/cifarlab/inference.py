@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from cifarlab.data import CLASSES, load_cifar10
+from cifarlab.data import CLASSES, confusion_matrix, load_cifar10
 from cifarlab.errors import CheckpointError, UsageError, json_safe, reason
 from cifarlab.files import atomic_write_json, check_writable_dir
 
@@ -157,10 +157,8 @@ def eval_main(args: argparse.Namespace) -> int:
     else:  # a bare checkpoint: its model on the whole test set, in fp32 (or --precision)
         logits_fn, meta = load_classifier(target, args.device, args.precision or "fp32")
         _, _, x_test, y_test = load_cifar10(args.data_dir, verify=args.verify)
-        pred = logits_fn(x_test).argmax(1)
-        cm = np.zeros((10, 10), dtype=np.int64)
-        np.add.at(cm, (y_test, pred), 1)
-        acc, loss, n = float((pred == y_test).mean()), None, len(y_test)
+        cm = confusion_matrix(y_test, logits_fn(x_test).argmax(1))
+        acc, loss, n = int(np.trace(cm)) / len(y_test), None, len(y_test)
     per_class = cm.diagonal() / np.maximum(cm.sum(1), 1)
     out.mkdir(parents=True, exist_ok=True)
     png = plot_confusion(cm, CLASSES, out / "confusion.png", f"{meta.get('model')}: test accuracy {acc:.4f}")

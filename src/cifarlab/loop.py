@@ -48,6 +48,7 @@ from cifarlab.config import (
     add_config_args,
     add_data_args,
     add_device_arg,
+    add_progress_arg,
     flag,
     given_flags,
     make_config,
@@ -503,7 +504,7 @@ def add_arguments(p: argparse.ArgumentParser, recipe: Recipe) -> None:
     )
     if recipe.framework == "torch":
         add_device_arg(p)
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    add_progress_arg(p)
     p.add_argument(
         "--tensorboard",
         action="store_true",

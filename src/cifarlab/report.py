@@ -285,9 +285,9 @@ def _command(exp, budget: str, runs: list) -> str:
 
 
 def _mean_std(values: list[float]) -> str:
-    if len(values) == 1:
-        return f"{values[0]:.4f} (1 run)"
-    return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f} ({len(values)} runs)"
+    from cifarlab.sweeps.common import mean_std
+
+    return f"{mean_std(values)} ({len(values)} run{'s' if len(values) > 1 else ''})"
 
 
 class Report:

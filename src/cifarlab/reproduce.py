@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from cifarlab.config import add_data_args, add_device_arg
+from cifarlab.config import add_data_args, add_device_arg, add_progress_arg
 from cifarlab.errors import UsageError
 from cifarlab.runs import RunDir
 
@@ -41,7 +41,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="reproduce", metavar="DIR",
                    help="run directories go to DIR/runs/<budget>/, the report to DIR/report/ (default: reproduce/)")  # fmt: skip
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel processes (the cores are split)")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress line")
+    add_progress_arg(p, "no progress line")
     add_device_arg(p)
     add_precision_arg(p)
     add_data_args(p)

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from cifarlab import distributed, sync_batchnorm
 from cifarlab.config import TrainConfig
-from cifarlab.data import CLASSES, Batch, Preprocess
+from cifarlab.data import Batch, Preprocess, confusion_matrix
 from cifarlab.devices import autocast, describe, resolve_device, resolve_precision
 from cifarlab.distributed import Dist
 
@@ -270,9 +270,7 @@ class TorchLearner:
             self.model.train()
         per_image = per_image.cpu()
         distributed.all_reduce_sum(per_image, self.dist, "evaluating")
-        c = len(CLASSES)
-        pairs = data.y.cpu().numpy() * c + per_image[1].long().numpy()  # true class, predicted class
-        confusion = np.bincount(pairs, minlength=c * c).reshape(c, c)
+        confusion = confusion_matrix(data.y.cpu().numpy(), per_image[1].long().numpy())
         return {
             "loss": float(per_image[0].double().sum()) / n,
             "acc": int(np.trace(confusion)) / n,

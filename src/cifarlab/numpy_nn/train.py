@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from cifarlab.config import TrainConfig
-from cifarlab.data import CLASSES, Batch, Preprocess
+from cifarlab.data import Batch, Preprocess, confusion_matrix
 from cifarlab.numpy_nn.mlp import MLP
 from cifarlab.numpy_nn.modules import SoftmaxCrossEntropy
 from cifarlab.numpy_nn.optim import SGD, Adam, Optimizer
@@ -37,13 +37,12 @@ def evaluate(model: MLP, x: np.ndarray, y: np.ndarray, prep: Preprocess, batch_s
     """Mean loss, accuracy and the confusion matrix (rows: true class, columns: predicted)
     over the whole of ``x``, in batches."""
     ce = SoftmaxCrossEntropy()
-    c = len(CLASSES)
-    loss_sum, confusion = 0.0, np.zeros((c, c), dtype=np.int64)
+    loss_sum, confusion = 0.0, 0
     for i in range(0, len(x), batch_size):
         logits = model.logits(features(x[i : i + batch_size], prep, model.dtype))
         yb = y[i : i + batch_size]
         loss_sum += ce.forward(logits, yb) * len(yb)
-        confusion += np.bincount(yb * c + logits.argmax(1), minlength=c * c).reshape(c, c)
+        confusion = confusion + confusion_matrix(yb, logits.argmax(1))
     return {"loss": loss_sum / len(x), "acc": int(np.trace(confusion)) / len(x), "confusion": confusion}
 
 

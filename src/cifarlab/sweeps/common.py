@@ -22,7 +22,15 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from cifarlab.config import PRECISIONS, ArgumentParser, add_data_args, add_device_arg, flag, given_flags
+from cifarlab.config import (
+    PRECISIONS,
+    ArgumentParser,
+    add_data_args,
+    add_device_arg,
+    add_progress_arg,
+    flag,
+    given_flags,
+)
 from cifarlab.errors import UsageError
 from cifarlab.files import atomic_write_bytes, check_writable_dir
 from cifarlab.recipes import RECIPES
@@ -47,7 +55,7 @@ def add_sweep_args(p: argparse.ArgumentParser, name: str, seeds: int = 3) -> Non
         dest="results",
         help=f"where the table and plots go (default: runs/sweeps/{name}; --out results to update the project's)",
     )
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    add_progress_arg(p)
     p.add_argument("--max-steps", type=int, help="override every run's steps (for a quick look)")
     p.add_argument(
         "--extra",
