@@ -309,6 +309,13 @@ def test_builtin_models_registered():
     assert list_models() == sorted(list_models())
 
 
+def test_every_registered_model_can_be_trained():
+    """Each name create_model knows has a recipe (`cifarlab train NAME`), and the other way round."""
+    from cifarlab.recipes import RECIPES
+
+    assert set(list_models()) == set(RECIPES)
+
+
 @pytest.mark.parametrize("name", list_models())
 @pytest.mark.parametrize("num_classes", [10, 7])
 def test_create_model_every_registered_name(name, num_classes):

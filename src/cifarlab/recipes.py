@@ -406,11 +406,14 @@ RECIPES: dict[str, Recipe] = {
         Recipe(
             "fast", FastConfig, {"default": FAST}, "94 % in as little arithmetic as possible (airbench-style)"
         ),
-        Recipe(
-            "vgg13",
-            VGGConfig,
-            {"seed": VGG_SEED, "best": VGG_BEST},
-            "transfer learning from ImageNet as the seed did (torchvision's VGG13 weights)",
+        *(
+            Recipe(
+                name,
+                VGGConfig,
+                {"seed": VGG_SEED, "best": VGG_BEST},
+                f"transfer learning from ImageNet as the seed did (torchvision's {label} weights)",
+            )
+            for name, label in (("vgg13", "VGG13"), ("vgg13_bn", "VGG13 with BatchNorm"))
         ),
     )
 }
