@@ -24,9 +24,10 @@ from typing import Any
 
 import numpy as np
 
-from cifarlab.config import PREPROCESSINGS
+from cifarlab.choices import PREPROCESSINGS
 from cifarlab.data import Preprocess
 from cifarlab.errors import CheckpointError, reason
+from cifarlab.runs import CHECKPOINT_DIR, NEW_SUFFIX, OLD_SUFFIX
 
 FORMAT_VERSION = 1
 MODEL_FILE, STATE_FILE = "model.safetensors", "state.safetensors"
@@ -61,7 +62,7 @@ def save(
     A failure to write (a full disk) is one CheckpointError; the previous checkpoint stays.
     """
     folder = Path(folder)
-    tmp, old = folder.with_name(folder.name + ".tmp"), folder.with_name(folder.name + ".old")
+    tmp, old = folder.with_name(folder.name + NEW_SUFFIX), folder.with_name(folder.name + OLD_SUFFIX)
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         return _save(folder, tmp, old, weights, meta, prep, state_tensors, state_meta)
@@ -103,7 +104,7 @@ def _save(folder, tmp, old, weights, meta, prep, state_tensors, state_meta) -> P
 def recover(folder: Path) -> None:
     """After a crash between the two renames of :func:`save` only ``<folder>.old`` exists:
     put it back (call only while holding the run directory's lock)."""
-    folder, old = Path(folder), Path(folder).with_name(Path(folder).name + ".old")
+    folder, old = Path(folder), Path(folder).with_name(Path(folder).name + OLD_SUFFIX)
     if not folder.exists() and (old / MODEL_FILE).is_file():
         old.rename(folder)
 
@@ -114,13 +115,13 @@ def model_file(target: str | Path) -> Path:
     target = Path(target)
     if target.is_file():
         return target
-    for cand in (target / MODEL_FILE, target / "checkpoint" / MODEL_FILE):
+    for cand in (target / MODEL_FILE, target / CHECKPOINT_DIR / MODEL_FILE):
         if cand.is_file():
             return cand
     if not target.exists():
         raise CheckpointError(f"{target} does not exist (give a run directory or a model.safetensors file)")
     hint = ""
-    if (target / "checkpoint.old" / MODEL_FILE).is_file():
+    if (target / (CHECKPOINT_DIR + OLD_SUFFIX) / MODEL_FILE).is_file():
         hint = "; an interrupted save left checkpoint.old: `cifarlab train MODEL --resume` recovers it"
     raise CheckpointError(
         f"no checkpoint in {target} (expected {MODEL_FILE} or checkpoint/{MODEL_FILE}){hint}"

@@ -18,6 +18,7 @@ import numpy as np
 from cifarlab.data import CLASSES, confusion_matrix, load_cifar10
 from cifarlab.errors import CheckpointError, UsageError, json_safe, reason
 from cifarlab.files import atomic_write_json, check_writable_dir
+from cifarlab.runs import CHECKPOINT_DIRS, CONFIG_FILE
 
 
 def load_classifier(
@@ -77,15 +78,15 @@ def _report_folder(target: Path) -> Path:
     """Where eval writes by default: the run directory (never inside checkpoint/, which the
     next save replaces), else the folder of the file named."""
     folder = target if target.is_dir() else target.parent
-    return folder.parent if folder.name in ("checkpoint", "checkpoint.old") else folder
+    return folder.parent if folder.name in CHECKPOINT_DIRS else folder
 
 
 def _run_of(target: Path) -> Path | None:
     """The run directory ``target`` is (or whose checkpoint folder it is), if it has a config.json."""
     folder = target if target.is_dir() else None
-    if folder is not None and folder.name in ("checkpoint", "checkpoint.old"):
+    if folder is not None and folder.name in CHECKPOINT_DIRS:
         folder = folder.parent
-    return folder if folder is not None and (folder / "config.json").is_file() else None
+    return folder if folder is not None and (folder / CONFIG_FILE).is_file() else None
 
 
 def evaluate_run(

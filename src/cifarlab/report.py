@@ -30,6 +30,7 @@ from typing import Any
 from cifarlab import runlist
 from cifarlab.errors import UsageError, reason
 from cifarlab.runlist import Run
+from cifarlab.runs import CURVES_FILE
 
 DEFAULT_PATHS = ("runs", "results")
 
@@ -397,7 +398,7 @@ class Report:
             self.add("img", title, [[f"figures/{name}.png"]])
 
     def copy_curves(self, run: Run, caption: str) -> None:
-        src = run.path / "curves.png"
+        src = run.path / CURVES_FILE
         if src.is_file():
             self.figures.mkdir(parents=True, exist_ok=True)
             dst = self.figures / f"curves-{run.path.name}.png"

@@ -20,10 +20,10 @@ from typing import Any
 
 from cifarlab.errors import CheckpointError, CifarlabError, UsageError, json_safe
 from cifarlab.files import parse_json, read_bytes
-from cifarlab.runs import RunDir
+from cifarlab.runs import CHECKPOINT_DIRS, CONFIG_FILE, RunDir
 
 STATUSES = ("finished", "running", "diverged", "interrupted", "damaged")
-NOT_RUNS = ("checkpoint", "checkpoint.tmp", "checkpoint.old")  # a run's own folders, never searched
+NOT_RUNS = CHECKPOINT_DIRS  # a run's own folders, never searched
 NONE = "—"
 PARTIAL = "* last evaluation of a run that has not finished"
 
@@ -214,7 +214,7 @@ def find_runs(folder: Path) -> Iterator[Path]:
     """Every directory below ``folder`` (itself included) that holds a config.json. Hidden
     folders (.git, .venv: other tools' config.json files) are not searched."""
     for dirpath, dirnames, filenames in os.walk(folder):
-        is_run = "config.json" in filenames
+        is_run = CONFIG_FILE in filenames
         dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and not (is_run and d in NOT_RUNS))
         if is_run:
             yield Path(dirpath)
@@ -268,7 +268,7 @@ def make_row(path: Path, label: str) -> Row:
         test_accuracy=value,
         partial=partial,
         wall_seconds=run.wall_seconds(),
-        date=_date(path / "config.json"),
+        date=_date(path / CONFIG_FILE),
         status=state,
         note=note,
     )

@@ -38,6 +38,24 @@ from cifarlab.files import (  # noqa: F401 (re-exported: the run directory's fil
     read_bytes,
 )
 
+# the layout of a run directory: every file and folder name, here and nowhere else
+CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, CURVES_FILE = (
+    "config.json",
+    "metrics.jsonl",
+    "summary.json",
+    "curves.png",
+)
+DIVERGED_FILE, LOCK_FILE, TENSORBOARD_DIR, CHECKPOINT_DIR = (
+    "diverged.json",
+    ".lock",
+    "tensorboard",
+    "checkpoint",
+)
+NEW_SUFFIX, OLD_SUFFIX = (
+    ".tmp",
+    ".old",
+)  # a checkpoint being written, and the one it replaces (checkpoints.save)
+CHECKPOINT_DIRS = (CHECKPOINT_DIR, CHECKPOINT_DIR + NEW_SUFFIX, CHECKPOINT_DIR + OLD_SUFFIX)
 TENSORBOARD_SCALARS = ("train_loss", "train_acc", "test_loss", "test_acc", "lr")  # of a metrics record
 
 
@@ -163,7 +181,7 @@ class RunDir:
     # -- one writer -------------------------------------------------------------------------
     @property
     def lock_path(self) -> Path:
-        return self.path / ".lock"
+        return self.path / LOCK_FILE
 
     def lock(self) -> None:
         """Take the run directory for this process, or raise RunLocked naming the live holder.
@@ -206,31 +224,31 @@ class RunDir:
     # -- paths ------------------------------------------------------------------------------
     @property
     def config_path(self) -> Path:
-        return self.path / "config.json"
+        return self.path / CONFIG_FILE
 
     @property
     def metrics_path(self) -> Path:
-        return self.path / "metrics.jsonl"
+        return self.path / METRICS_FILE
 
     @property
     def summary_path(self) -> Path:
-        return self.path / "summary.json"
+        return self.path / SUMMARY_FILE
 
     @property
     def curves_path(self) -> Path:
-        return self.path / "curves.png"
+        return self.path / CURVES_FILE
 
     @property
     def checkpoint_dir(self) -> Path:
-        return self.path / "checkpoint"
+        return self.path / CHECKPOINT_DIR
 
     @property
     def tensorboard_dir(self) -> Path:
-        return self.path / "tensorboard"
+        return self.path / TENSORBOARD_DIR
 
     @property
     def diverged_path(self) -> Path:
-        return self.path / "diverged.json"
+        return self.path / DIVERGED_FILE
 
     # -- writing ----------------------------------------------------------------------------
     def write_config(self, config: dict[str, Any], libraries: tuple[str, ...] = ("numpy", "torch")) -> None:
