@@ -206,89 +206,162 @@ def fit(
     time from the process's start to this call) is added to the evaluation times in the
     summary's ``time_to_accuracy``. Under torchrun
     (``dist``) only rank 0 writes, and the other ranks return an empty summary."""
-    from tqdm import tqdm
-
     dist = dist or Dist()
-    writer = dist.is_main
-    x_train, y_train, x_test, y_test = data
-    if cfg.test_images:  # a quick look: the first N test images (the test set is in random order)
-        x_test, y_test = x_test[: cfg.test_images], y_test[: cfg.test_images]
-    batches = Batches(
-        x_train,
-        y_train,
-        cfg.batch_size,
-        seed=cfg.seed,
-        augment=cfg.augment,
-        crop_pad=cfg.crop_pad,
-        flip=cfg.flip,
-    )
-    train_data, test_data = learner.put(x_train, y_train), learner.put(x_test, y_test)
-    quick = {  # the test images of each quick check (cfg.quick_check_images), put once
-        n: learner.put(x_test[:n], y_test[:n])
-        for n in {cfg.quick_check_images(s) for s in range(cfg.eval_freq, cfg.max_steps, cfg.eval_freq)} - {0}
-    }
-    val_data = learner.put(*val) if val is not None else None  # held out of x_train by split_data
     resumed = state is not None
-    # checkpoints name their run (a run directory made by hand, as in tests, may have no config)
-    run_id = run.read_config().get("run_id") if writer and run.config_path.is_file() else None
     state = state or TrainState(setup_seconds=setup_seconds)
-    if resumed and writer:
+    s = _Session(learner, cfg, run, data, meta, prep, state, dist, val)
+    if resumed and s.writer:
         run.truncate_metrics(state.step, state.metrics_bytes)
-    first_step, first_train_seconds = state.step, state.train_seconds
-    log_steps = cfg.log_steps()
+    board = TensorBoardLog(run.tensorboard_dir, state.step) if tensorboard and s.writer else None
+    last_eval: dict[str, Any] | None = None
+    t_train = time.perf_counter()
+    with _StopRequested() as stop, s.open_bar(progress), board or contextlib.nullcontext():
+        for step in range(state.step, cfg.max_steps):
+            lr = lr_at(cfg, step)
+            learner.step(s.train_data, s.batches.plan(step), lr, s.batches.epoch_of(step))
+            state.step, state.seen = step + 1, state.seen + cfg.batch_size
+            decay = lookahead_decay(cfg, state.step)
+            if decay is not None:
+                learner.lookahead(decay)
+            s.bar.update(1)
+            if on_step is not None:
+                on_step(state)
+            at_eval = state.step % cfg.eval_freq == 0 or state.step == cfg.max_steps
+            at_record = at_eval or state.step % s.log_steps == 0
+            stopping = stop.signum is not None
+            if dist.active:  # every rank must stop at the same step: agree now and then
+                stopping = (
+                    any_rank(stopping, dist) if at_eval or state.step % STOP_CHECK_STEPS == 0 else False
+                )
+            if not (at_record or stopping):
+                continue
+            s.collect_running()  # waits for the steps so far: training time
+            if at_eval or stopping:  # evaluating and checkpointing are not
+                state.train_seconds += time.perf_counter() - t_train
+            ev = s.evaluate() if at_eval else None
+            if at_record:
+                record = s.record(lr, ev)
+                s.log(record, board)
+                s.show(record)
+            if at_eval or stopping:
+                s.checkpoint()
+            if stopping:
+                raise KeyboardInterrupt(f"stopped at step {state.step}; resume with --resume {run.path}")
+            if at_eval:
+                last_eval, t_train = ev, time.perf_counter()
+    if last_eval is None:  # resumed from a stop right after the final evaluation: evaluate again
+        last_eval = learner.evaluate(s.test_data)  # (every rank: under torchrun it is a collective)
+    return s.summary(last_eval, resumed) if s.writer else {}
 
-    def checkpoint() -> None:
-        state.elapsed = time.perf_counter() - t0
-        if not writer:
+
+class _Session:
+    """One session of a run, from its state to ``cfg.max_steps``: the data where the learner
+    computes, the clock, and what :func:`fit` does at a record, an evaluation, a checkpoint."""
+
+    def __init__(self, learner: Learner, cfg: TrainConfig, run: RunDir, data: Data, meta: dict[str, Any],
+                 prep: Preprocess, state: TrainState, dist: Dist, val: tuple[np.ndarray, np.ndarray] | None):  # fmt: skip
+        self.learner, self.cfg, self.run, self.meta, self.prep, self.state = (
+            learner,
+            cfg,
+            run,
+            meta,
+            prep,
+            state,
+        )
+        self.writer, self.val = dist.is_main, val
+        x_train, y_train, x_test, y_test = data
+        if cfg.test_images:  # a quick look: the first N test images (the test set is in random order)
+            x_test, y_test = x_test[: cfg.test_images], y_test[: cfg.test_images]
+        self.test_images = len(x_test)
+        self.batches = Batches(
+            x_train, y_train, cfg.batch_size, seed=cfg.seed, augment=cfg.augment, crop_pad=cfg.crop_pad,
+            flip=cfg.flip,
+        )  # fmt: skip
+        self.train_data, self.test_data = learner.put(x_train, y_train), learner.put(x_test, y_test)
+        self.quick = {  # the test images of each quick check (cfg.quick_check_images), put once
+            n: learner.put(x_test[:n], y_test[:n])
+            for n in {cfg.quick_check_images(s) for s in range(cfg.eval_freq, cfg.max_steps, cfg.eval_freq)}
+            - {0}
+        }
+        self.val_data = learner.put(*val) if val is not None else None  # held out of x_train by split_data
+        # checkpoints name their run (a run directory made by hand, as in tests, may have no config)
+        self.run_id = run.read_config().get("run_id") if self.writer and run.config_path.is_file() else None
+        self.first_step, self.first_train_seconds = state.step, state.train_seconds
+        self.log_steps = cfg.log_steps()
+        self.t0 = time.perf_counter() - state.elapsed  # the run's clock, over all its sessions
+        self.postfix: dict[str, str] = {}
+
+    def open_bar(self, progress: bool) -> Any:
+        from tqdm import tqdm
+
+        self.bar = tqdm(
+            total=self.cfg.max_steps, initial=self.first_step, disable=not (progress and self.writer), unit="step",
+            dynamic_ncols=True, desc=self.run.path.name, file=sys.stderr,
+            mininterval=0.1 if sys.stderr.isatty() else LOG_FILE_PROGRESS_SECONDS,
+        )  # fmt: skip
+        return self.bar
+
+    def checkpoint(self) -> None:
+        state, run = self.state, self.run
+        state.elapsed = time.perf_counter() - self.t0
+        if not self.writer:
             return
-        arrays, plain = learner.trainer_state()
+        arrays, plain = self.learner.trainer_state()
         # the metrics this checkpoint goes with: a resume drops whatever was appended after
         state.metrics_bytes = run.metrics_path.stat().st_size if run.metrics_path.is_file() else 0
-        plain = {**plain, "optimizer": cfg.optimizer, "run_id": run_id}
+        plain = {**plain, "optimizer": self.cfg.optimizer, "run_id": self.run_id}
         extra = {"state": state.to_json(), "plain": json.dumps(plain)}
-        checkpoints.save(run.checkpoint_dir, learner.weights(), meta, prep, arrays, extra)
+        checkpoints.save(run.checkpoint_dir, self.learner.weights(), self.meta, self.prep, arrays, extra)
 
-    def collect_running() -> None:
+    def collect_running(self) -> None:
         """Add the learner's running sums to the state: a host sync (under torchrun a
         collective), so the loop calls it only at metrics records and stops."""
-        loss_sum, correct = learner.take_running()
-        state.loss_sum += loss_sum
-        state.correct += correct
-        if not np.isfinite(state.loss_sum):
-            diverged()
+        loss_sum, correct = self.learner.take_running()
+        self.state.loss_sum += loss_sum
+        self.state.correct += correct
+        if not np.isfinite(self.state.loss_sum):
+            self.diverged()
 
-    def diverged() -> NoReturn:
+    def diverged(self) -> NoReturn:
+        run, state = self.run, self.state
         kept = (
             f"The last good checkpoint is kept in {run.checkpoint_dir}."
             if run.checkpoint_dir.exists()
             else "No evaluation had passed: nothing was kept."
         )
-        hint = "a lower --learning-rate" + (" or --grad-clip 1.0" if cfg.torch_trainer else "")
+        hint = "a lower --learning-rate" + (" or --grad-clip 1.0" if self.cfg.torch_trainer else "")
         message = f"loss became {state.loss_sum} before step {state.step}; stopped. {kept} Try {hint}"
-        if writer:  # for `cifarlab runs`, which tells a diverged run from an interrupted one
+        if self.writer:  # for `cifarlab runs`, which tells a diverged run from an interrupted one
             atomic_write_json(run.diverged_path, {"step": state.step, "message": message})
         raise TrainingDiverged(message)
 
-    def evaluate() -> dict[str, Any]:
+    def evaluate(self) -> dict[str, Any]:
+        state, learner = self.state, self.learner
         t_eval = time.perf_counter()
-        final = state.step == cfg.max_steps  # a fast model may evaluate earlier ones more cheaply
-        n_quick = cfg.quick_check_images(state.step)
+        final = state.step == self.cfg.max_steps  # a fast model may evaluate earlier ones more cheaply
+        n_quick = self.cfg.quick_check_images(state.step)
         if n_quick:  # a quick look at the first test images, one view: no validation
-            ev = {**learner.evaluate(quick[n_quick], final=False), "images": min(n_quick, len(x_test))}
+            ev = {
+                **learner.evaluate(self.quick[n_quick], final=False),
+                "images": min(n_quick, self.test_images),
+            }
         else:
-            ev = learner.evaluate(test_data, final=final)
-            if val_data is not None:
-                ev["val"] = learner.evaluate(val_data, final=final)
+            ev = learner.evaluate(self.test_data, final=final)
+            if self.val_data is not None:
+                ev["val"] = learner.evaluate(self.val_data, final=final)
         state.eval_seconds += time.perf_counter() - t_eval
-        state.eval_images += ev.get("images") or len(x_test) + (len(val[1]) if val is not None else 0)
+        state.eval_images += ev.get("images") or self.test_images + (
+            len(self.val[1]) if self.val is not None else 0
+        )
         return ev
 
-    def make_record(lr: float, ev: dict[str, Any] | None) -> dict[str, Any]:
+    def record(self, lr: float, ev: dict[str, Any] | None) -> dict[str, Any]:
         """The metrics record of this step: the training means since the previous record,
         and, at an evaluation, its test metrics (and the gradient norms if asked for)."""
+        state = self.state
         record: dict[str, Any] = {
             "step": state.step,
-            "epoch": round(batches.epoch_of(state.step), 4),
+            "epoch": round(self.batches.epoch_of(state.step), 4),
             "train_loss": state.loss_sum / state.seen,
             "train_acc": state.correct / state.seen,
         }
@@ -298,95 +371,54 @@ def fit(
             record |= {"test_loss": ev["loss"], "test_acc": ev["acc"]}
             if "images" in ev:  # a quick check: on this many test images only
                 record["test_images"] = ev["images"]
-        record |= {"seconds": round(time.perf_counter() - t0, 3), "lr": lr}
-        if ev is not None and cfg.log_grad_norms:
-            record |= learner.step_metrics()
+        record |= {"seconds": round(time.perf_counter() - self.t0, 3), "lr": lr}
+        if ev is not None and self.cfg.log_grad_norms:
+            record |= self.learner.step_metrics()
         return record
 
-    def log(record: dict[str, Any]) -> None:
-        if writer:
-            run.log(record)
+    def log(self, record: dict[str, Any], board: TensorBoardLog | None) -> None:
+        if self.writer:
+            self.run.log(record)
             if board is not None:
                 board.add(record)
-        state.loss_sum, state.correct, state.seen = 0.0, 0, 0  # the next record starts afresh
+        self.state.loss_sum, self.state.correct, self.state.seen = 0.0, 0, 0  # the next record starts afresh
 
-    def show(record: dict[str, Any]) -> None:
-        postfix["loss"] = f"{record['train_loss']:.3f}"
+    def show(self, record: dict[str, Any]) -> None:
+        self.postfix["loss"] = f"{record['train_loss']:.3f}"
         if "test_acc" in record:
-            trained = max(state.train_seconds - first_train_seconds, 1e-9)
-            postfix["test_acc"] = f"{record['test_acc']:.4f}"
-            postfix["img_s"] = f"{(state.step - first_step) * cfg.batch_size / trained:.0f}"
-        bar.set_postfix(postfix, refresh=False)  # shown at the bar's next print, not one line per record
+            trained = max(self.state.train_seconds - self.first_train_seconds, 1e-9)
+            self.postfix["test_acc"] = f"{record['test_acc']:.4f}"
+            self.postfix["img_s"] = (
+                f"{(self.state.step - self.first_step) * self.cfg.batch_size / trained:.0f}"
+            )
+        self.bar.set_postfix(
+            self.postfix, refresh=False
+        )  # shown at the bar's next print, not one line per record
 
-    t0 = time.perf_counter() - state.elapsed
-    bar = tqdm(
-        total=cfg.max_steps, initial=first_step, disable=not (progress and writer), unit="step", dynamic_ncols=True,
-        desc=run.path.name, file=sys.stderr,
-        mininterval=0.1 if sys.stderr.isatty() else LOG_FILE_PROGRESS_SECONDS,
-    )  # fmt: skip
-    postfix: dict[str, str] = {}
-    board = TensorBoardLog(run.tensorboard_dir, first_step) if tensorboard and writer else None
-    last_eval: dict[str, Any] | None = None
-    t_train = time.perf_counter()
-    with _StopRequested() as stop, bar, board or contextlib.nullcontext():
-        for step in range(first_step, cfg.max_steps):
-            lr = lr_at(cfg, step)
-            learner.step(train_data, batches.plan(step), lr, batches.epoch_of(step))
-            state.step, state.seen = step + 1, state.seen + cfg.batch_size
-            decay = lookahead_decay(cfg, state.step)
-            if decay is not None:
-                learner.lookahead(decay)
-            bar.update(1)
-            if on_step is not None:
-                on_step(state)
-            at_eval = state.step % cfg.eval_freq == 0 or state.step == cfg.max_steps
-            at_record = at_eval or state.step % log_steps == 0
-            stopping = stop.signum is not None
-            if dist.active:  # every rank must stop at the same step: agree now and then
-                stopping = (
-                    any_rank(stopping, dist) if at_eval or state.step % STOP_CHECK_STEPS == 0 else False
-                )
-            if not (at_record or stopping):
-                continue
-            collect_running()  # waits for the steps so far: training time
-            if at_eval or stopping:  # evaluating and checkpointing are not
-                state.train_seconds += time.perf_counter() - t_train
-            ev = evaluate() if at_eval else None
-            if at_record:
-                record = make_record(lr, ev)
-                log(record)
-                show(record)
-            if at_eval or stopping:
-                checkpoint()
-            if stopping:
-                raise KeyboardInterrupt(f"stopped at step {state.step}; resume with --resume {run.path}")
-            if at_eval:
-                last_eval, t_train = ev, time.perf_counter()
-    if last_eval is None:  # resumed from a stop right after the final evaluation: evaluate again
-        last_eval = learner.evaluate(test_data)  # (every rank: under torchrun it is a collective)
-    if not writer:
-        return {}
-    tests = evaluations(run.read_metrics())
-    if not tests:
-        raise CheckpointError(f"{run.metrics_path} holds no evaluation: the run cannot be summarised")
-    summary = {
-        "test_accuracy": tests[-1]["test_acc"],
-        "test_loss": tests[-1]["test_loss"],
-        **(
-            {"val_accuracy": tests[-1]["val_acc"], "val_loss": tests[-1]["val_loss"]}
-            if val is not None
-            else {}
-        ),
-        "steps": cfg.max_steps,
-        "epochs": round(batches.epoch_of(cfg.max_steps), 3),
-        "wall_seconds": round(time.perf_counter() - t0, 2),
-        "images_per_second": round(cfg.max_steps * cfg.batch_size / max(state.train_seconds, 1e-9), 1),
-        "eval_images_per_second": round(state.eval_images / max(state.eval_seconds, 1e-9), 1),
-        "resumed": resumed,
-        "time_to_accuracy": time_to_accuracy(tests, state.setup_seconds),
-        **per_class(last_eval["confusion"]),
-    }
-    return run.finish(summary, title=f"{meta.get('model', '')} {run.path.name}")
+    def summary(self, last_eval: dict[str, Any], resumed: bool) -> dict[str, Any]:
+        """summary.json from metrics.jsonl (written by :meth:`RunDir.finish`, with the curves)."""
+        cfg, state, run = self.cfg, self.state, self.run
+        tests = evaluations(run.read_metrics())
+        if not tests:
+            raise CheckpointError(f"{run.metrics_path} holds no evaluation: the run cannot be summarised")
+        summary = {
+            "test_accuracy": tests[-1]["test_acc"],
+            "test_loss": tests[-1]["test_loss"],
+            **(
+                {"val_accuracy": tests[-1]["val_acc"], "val_loss": tests[-1]["val_loss"]}
+                if self.val is not None
+                else {}
+            ),
+            "steps": cfg.max_steps,
+            "epochs": round(self.batches.epoch_of(cfg.max_steps), 3),
+            "wall_seconds": round(time.perf_counter() - self.t0, 2),
+            "images_per_second": round(cfg.max_steps * cfg.batch_size / max(state.train_seconds, 1e-9), 1),
+            "eval_images_per_second": round(state.eval_images / max(state.eval_seconds, 1e-9), 1),
+            "resumed": resumed,
+            "time_to_accuracy": time_to_accuracy(tests, state.setup_seconds),
+            **per_class(last_eval["confusion"]),
+        }
+        return run.finish(summary, title=f"{self.meta.get('model', '')} {run.path.name}")
 
 
 ACCURACY_MARKS = (0.90, 0.93, 0.94)
