@@ -17,7 +17,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("models and ops", ("cifarlab.registry", "cifarlab.models", "cifarlab.numpy_nn", "cifarlab.layernorm",
                         "cifarlab.kernels", "cifarlab.gradcheck", "cifarlab.sync_batchnorm")),
     ("training", ("cifarlab.config", "cifarlab.recipes", "cifarlab.runs", "cifarlab.checkpoints",
-                  "cifarlab.devices", "cifarlab.distributed", "cifarlab.train", "cifarlab.loop",
+                  "cifarlab.devices", "cifarlab.distributed", "cifarlab.train", "cifarlab.loop", "cifarlab.train_command",
                   "cifarlab.numpy_nn.train")),
     ("study", ("cifarlab.experiments", "cifarlab.sweeps", "cifarlab.reproduce", "cifarlab.report",
                "cifarlab.runlist", "cifarlab.compare", "cifarlab.inference")),

@@ -122,9 +122,9 @@ def _dispatch(kind: str, args: argparse.Namespace) -> int:
         raise UsageError(f"unknown {kind} target {args.target!r}; choose one of: {', '.join(table)}")
     sp = _Parser(prog=f"cifarlab {kind} {args.target}", description=table[args.target])
     if kind == "train":
-        from cifarlab import loop
+        from cifarlab import train_command
 
-        return loop.train_command([args.target, *args.rest])
+        return train_command.run_argv([args.target, *args.rest])
     module = importlib.import_module(SWEEPS[args.target][0])
     module.add_arguments(sp)
     return module.main(sp.parse_args(args.rest)) or 0

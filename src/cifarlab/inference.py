@@ -97,9 +97,9 @@ def evaluate_run(
     test-time augmentation and precision as config.json records), so the accuracy equals the
     summary's. ``precision`` overrides the recorded one. Returns (evaluation, what was used)."""
     from cifarlab.checkpoints import build_model, load
-    from cifarlab.loop import saved_config
     from cifarlab.recipes import RECIPES
     from cifarlab.runs import RunDir
+    from cifarlab.train_command import saved_config
 
     run = RunDir.open(run_dir)
     saved = run.read_config()

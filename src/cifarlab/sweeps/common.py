@@ -108,12 +108,12 @@ def check_sweep_args(args: argparse.Namespace) -> None:
 def job_settings(argv: list[str]) -> tuple[str, dict, set[str]]:
     """The model, the exact settings ``cifarlab train *argv`` would run with (invalid flags
     are refused here, before anything runs), and the names of the settings ``argv`` gives."""
-    from cifarlab import loop
+    from cifarlab import train_command
     from cifarlab.recipes import RECIPES
 
     recipe = RECIPES[argv[0]]
     parser = ArgumentParser(prog=f"cifarlab train {argv[0]}")
-    loop.add_arguments(parser, recipe)
+    train_command.add_arguments(parser, recipe)
     args = parser.parse_args(argv[1:])
     given = given_flags(recipe.config, args)
     return recipe.name, dataclasses.asdict(recipe.make_config(args.preset, **given)), set(given)
@@ -276,11 +276,11 @@ def _run_here(argv: list[str], log) -> tuple[int, str]:
     import io
 
     from cifarlab.errors import run_command
-    from cifarlab.loop import train_command
+    from cifarlab.train_command import run_argv
 
     err = io.StringIO()
     with contextlib.redirect_stdout(log), contextlib.redirect_stderr(err):
-        code = run_command(lambda: train_command(argv[1:]))
+        code = run_command(lambda: run_argv(argv[1:]))
     log.write(err.getvalue())
     if code == 130:  # Ctrl-C reached the run (which checkpointed): stop the sweep too
         raise KeyboardInterrupt(err.getvalue().strip().splitlines()[-1] if err.getvalue().strip() else "")
