@@ -194,10 +194,11 @@ def fit(
     s = _Session(learner, cfg, run, data, meta, prep, state, dist, val)
     if resumed and s.writer:
         run.truncate_metrics(state.step, state.metrics_bytes)
+    bar = s.open_bar(progress)  # before the training clock starts (tqdm's import is not training)
     board = TensorBoardLog(run.tensorboard_dir, state.step) if tensorboard and s.writer else None
     last_eval: dict[str, Any] | None = None
     t_train = time.perf_counter()
-    with _StopRequested() as stop, s.open_bar(progress), board or contextlib.nullcontext():
+    with _StopRequested() as stop, bar, board or contextlib.nullcontext():
         for step in range(state.step, cfg.max_steps):
             lr = lr_at(cfg, step)
             learner.step(s.train_data, s.batches.plan(step), lr, s.batches.epoch_of(step))
