@@ -341,3 +341,19 @@ def test_fast_ablation_table_in_the_docs_is_generated():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     assert module.table() in (REPO / "docs/results.md").read_text()
+
+
+def test_an_experiment_outside_the_known_families_still_gets_its_row(tmp_path, monkeypatch):
+    """A new Part 2 experiment whose name is neither table1-* nor activation-* appears in the
+    report (with its command, as missing) instead of dropping out silently."""
+    import dataclasses
+
+    from cifarlab import experiments
+
+    base = next(e for e in catalogue() if e.name == "activation-tanh")
+    extra = dataclasses.replace(base, name="dropout-probe", label="MLP with dropout 0.3",
+                                argv=(*base.argv, "--dropout", "0.3"))  # fmt: skip
+    monkeypatch.setattr(experiments, "catalogue", lambda: [*catalogue(), extra])
+    rep = report.Report(report.Found(), tmp_path / "out")
+    text = report.to_markdown(rep.build())
+    assert "More Part 2 experiments" in text and "MLP with dropout 0.3" in text and "--dropout 0.3" in text

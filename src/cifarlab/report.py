@@ -453,6 +453,10 @@ class Report:
                       "question asks, answered by runs rather than recalled.")  # fmt: skip
         self.add("table", rows=self.results_table(acts, with_seed=False))
         self.curve_figure("activations", acts, "Tanh vs ELU vs ReLU: test accuracy during training")
+        others = [e for e in exps if e not in table and e not in acts]
+        if others:  # a Part 2 experiment of neither family still gets its row
+            self.add("h3", "More Part 2 experiments")
+            self.add("table", rows=self.results_table(others))
 
     def part3(self) -> None:
         exps = self.section("part3")
