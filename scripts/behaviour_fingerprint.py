@@ -24,7 +24,15 @@ RUNS = {
     "mlp": ["mlp", "--preset", "best"],
     "mlp-layernorm": ["mlp", "--norm", "layer"],
     "convnet": ["convnet", "--preset", "best", "--batch-size", "16"],
-    "efficientnet_lite0": ["efficientnet_lite0", "--image-size", "32", "--batch-size", "8", "--freeze-stages", "2"],
+    "efficientnet_lite0": [
+        "efficientnet_lite0",
+        "--image-size",
+        "32",
+        "--batch-size",
+        "8",
+        "--freeze-stages",
+        "2",
+    ],
     "fast": ["fast", "--batch-size", "64"],
 }
 

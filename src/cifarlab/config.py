@@ -35,6 +35,7 @@ from cifarlab.choices import (  # noqa: F401 (the flags' choices, re-exported)
 from cifarlab.errors import UsageError
 from cifarlab.schedules import SCHEDULES
 
+FIRST_SEED = 42  # the default seed; sweeps and the study run FIRST_SEED, FIRST_SEED + 1, ...
 # settings that change neither the weights nor the batches of a run: a resumed run may change
 # them, and runs that differ only in them are the same experiment
 BOOKKEEPING = frozenset(
@@ -120,7 +121,7 @@ class TrainConfig:
         choices=("random", "alternate"),
     )  # fmt: skip
     preprocess: str = setting("seed", "input preprocessing", choices=PREPROCESSINGS)
-    seed: int = setting(42, "seed of init, batches and augmentation", lo=0, hi=2**32 - 1)
+    seed: int = setting(FIRST_SEED, "seed of init, batches and augmentation", lo=0, hi=2**32 - 1)
     eval_batch_size: int = setting(
         250,
         "no-grad evaluation batch (250: 1.5x faster than 1000 for the ConvNet on a 2-core CPU)",

@@ -13,11 +13,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from cifarlab.config import BOOKKEEPING
+from cifarlab.config import BOOKKEEPING, FIRST_SEED
 from cifarlab.sweeps import activations, norms, table1
 
 BUDGETS = ("quick", "full")
-FIRST_SEED = 42
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from cifarlab import runlist
+from cifarlab.config import FIRST_SEED
 from cifarlab.errors import UsageError, reason
 from cifarlab.runlist import Run
 from cifarlab.runs import CURVES_FILE
@@ -281,7 +282,9 @@ def _precision(run) -> str:
 def _command(exp, budget: str, runs: list) -> str:
     """The command the runs used: the experiment's, with their seeds."""
     seeds = sorted({r.config.get("train", {}).get("seed") for r in runs}, key=str)
-    line = "cifarlab train " + " ".join(exp.command(budget, seeds[0] if isinstance(seeds[0], int) else 42))
+    line = "cifarlab train " + " ".join(
+        exp.command(budget, seeds[0] if isinstance(seeds[0], int) else FIRST_SEED)
+    )
     return line + (f"  # seeds {', '.join(map(str, seeds))}" if len(seeds) > 1 else "")
 
 

@@ -13,6 +13,7 @@ import statistics
 
 import numpy as np
 
+from cifarlab.config import FIRST_SEED
 from cifarlab.sweeps import common
 
 ACTS = ("elu", "tanh", "relu")
@@ -81,7 +82,7 @@ def main(args: argparse.Namespace) -> int:
     common.set_folders(args, "activations")
     from cifarlab.data import load_cifar10
 
-    seeds = [42 + s for s in range(args.seeds)]
+    seeds = [FIRST_SEED + s for s in range(args.seeds)]
     hidden = ",".join(map(str, HIDDEN))
     runs = common.run_jobs(jobs(seeds), args)
     x, y = load_cifar10(args.data_dir, verify=args.verify)[:2]

@@ -13,6 +13,7 @@ import math
 
 import numpy as np
 
+from cifarlab.config import FIRST_SEED
 from cifarlab.sweeps import common
 
 NORMS = ("none", "batch", "layer")
@@ -59,7 +60,7 @@ def main(args: argparse.Namespace) -> int:
     common.set_folders(args, "norms")
     from cifarlab.data import load_cifar10
 
-    seeds = [42 + s for s in range(args.seeds)]
+    seeds = [FIRST_SEED + s for s in range(args.seeds)]
     runs = common.run_jobs(jobs(seeds), args)
     _, _, x_test, y_test = load_cifar10(args.data_dir, verify=args.verify)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import statistics
 
+from cifarlab.config import FIRST_SEED
 from cifarlab.recipes import RECIPES
 from cifarlab.sweeps import common
 
@@ -24,7 +25,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     name = args.name or f"{args.model}-seeds"
     common.set_folders(args, name)
-    seeds = [42 + s for s in range(args.seeds)]
+    seeds = [FIRST_SEED + s for s in range(args.seeds)]
     runs = common.run_jobs([common.Job(f"seed{s}", [args.model, "--seed", str(s)]) for s in seeds], args)
     sums = {s: runs[f"seed{s}"].read_summary() for s in seeds}
     cmd = f"cifarlab sweep seeds {args.model} --seeds {args.seeds}"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import statistics
 
+from cifarlab.config import FIRST_SEED
 from cifarlab.errors import UsageError
 from cifarlab.sweeps import common
 
@@ -63,7 +64,7 @@ def jobs(rows, seeds, bn_first: bool = False) -> list[common.Job]:
 def main(args: argparse.Namespace) -> int:
     common.set_folders(args, "table1")
     rows = parse_configs(args.configs)
-    jobs_ = jobs(rows, [42 + s for s in range(args.seeds)], args.bn_first)
+    jobs_ = jobs(rows, [FIRST_SEED + s for s in range(args.seeds)], args.bn_first)
     runs = common.run_jobs(jobs_, args)
     lines = [
         "# Table 1 — the seed's PyTorch MLP configurations, re-run",
@@ -76,7 +77,7 @@ def main(args: argparse.Namespace) -> int:
             else ". Linear → ELU → BatchNorm1d (the seed's code)"
         )
         + " per hidden layer, batch 200, seed preprocessing;",
-        f"ours = final test accuracy, mean ± std over {args.seeds} seed(s) (42, 43, ...). Run directories: "
+        f"ours = final test accuracy, mean ± std over {args.seeds} seed(s) ({FIRST_SEED}, {FIRST_SEED + 1}, ...). Run directories: "
         f"`{args.out_root}/`.",
         "",
         "| # | hidden | optimizer | lr | steps | seed's accuracy | ours | best during run | wall s |",
@@ -85,7 +86,7 @@ def main(args: argparse.Namespace) -> int:
     series = {}
     for i in rows:
         hidden, opt, lr, steps, seed_acc = CONFIGS[i - 1]
-        rs = [runs[f"config{i}-seed{42 + s}"] for s in range(args.seeds)]
+        rs = [runs[f"config{i}-seed{FIRST_SEED + s}"] for s in range(args.seeds)]
         sums = [r.read_summary() for r in rs]
         acc = [s["test_accuracy"] for s in sums]
         best = [s["best_test_accuracy"] for s in sums]
