@@ -15,7 +15,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
-from cifarlab.runs import parse_json, read_bytes  # noqa: E402
+from cifarlab.files import parse_json, read_bytes  # noqa: E402
 
 # variant -> (what it adds, validation runs, test runs); paths relative to results/
 VARIANTS = {

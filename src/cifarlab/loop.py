@@ -52,10 +52,10 @@ from cifarlab.data import (
 )
 from cifarlab.distributed import Dist, any_rank
 from cifarlab.errors import CheckpointError, TrainingDiverged, reason
+from cifarlab.files import atomic_write_json
 from cifarlab.runs import (
     RunDir,
     TensorBoardLog,
-    atomic_write_json,
     evaluations,
 )
 from cifarlab.schedules import lookahead_decay, lr_at

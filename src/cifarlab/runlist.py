@@ -132,7 +132,7 @@ def _check_diverged(path: Path, diverged: Any) -> None:
 
 
 def _read_json(path: Path) -> Any:
-    """A file of the run through the one hardened reader (cifarlab.runs.read_bytes/parse_json)."""
+    """A file of the run through the one hardened reader (cifarlab.files.read_bytes/parse_json)."""
     try:
         return parse_json(read_bytes(path), path.name)
     except CifarlabError as e:

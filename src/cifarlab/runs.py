@@ -28,8 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from cifarlab.errors import CheckpointError, RunLocked, UsageError
-from cifarlab.files import (  # noqa: F401 (re-exported: the run directory's file helpers)
-    MAX_FILE_BYTES,
+from cifarlab.files import (
     atomic_write_bytes,
     atomic_write_json,
     check_writable_dir,

@@ -40,11 +40,11 @@ from cifarlab.data import (
 )
 from cifarlab.distributed import Dist, broadcast_text
 from cifarlab.errors import CheckpointError, CifarlabError, UsageError, reason
+from cifarlab.files import atomic_write_json
 from cifarlab.loop import Data, Learner, fit, process_age, restore
 from cifarlab.recipes import Recipe
 from cifarlab.runs import (
     RunDir,
-    atomic_write_json,
     machine,
     print_result,
     require_tensorboard,
