@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> None:
 
     import torch
 
-    from cifarlab.runs import machine
+    from cifarlab.training.runs import machine
 
     m = machine(torch.get_num_threads())
     print(

@@ -15,13 +15,12 @@ import warnings
 
 import numpy as np
 
-from cifarlab import data
-from cifarlab.data import Batches, Preprocess, load_cifar10, random_crop_flip
+from cifarlab.data import Batches, Preprocess, disk, load_cifar10, random_crop_flip
 
 
 def fresh_load(data_dir: str | None, verify: bool = True) -> None:
     """A first load in a process: read, md5-check and decode (the in-process copy dropped)."""
-    data._last_load = None
+    disk._last_load = None
     load_cifar10(data_dir, verify=verify)
 
 

@@ -21,8 +21,8 @@ import torch.nn.functional as F
 
 from bench_protocol import cpu_description
 from cifarlab.models import create_model
-from cifarlab.recipes import FAST, FastConfig
-from cifarlab.train import make_optimizer
+from cifarlab.training.recipes import FAST, FastConfig
+from cifarlab.training.torch_learner import make_optimizer
 
 
 def make_step(model: torch.nn.Module, opt: torch.optim.Optimizer, smoothing: float):

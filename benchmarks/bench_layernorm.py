@@ -5,7 +5,7 @@ Compares, at each shape (N, M):
   * ``LayerNormAutograd`` — differentiable ops, backward derived by autograd;
   * ``LayerNormManual``   — ``LayerNormFunction`` with the hand-written backward, once on each
     backend: ``eager`` (PyTorch tensor ops) and ``kernel`` (the same formulas fused per row in C,
-    ``src/cifarlab/kernels/layernorm.c``; the default when a C compiler is available).
+    ``src/cifarlab/ops/kernels/layernorm.c``; the default when a C compiler is available).
 
 One step is ``y = f(x)`` then ``torch.autograd.grad(y, (x, weight, bias), dy)`` with ``x`` requiring
 grad and a fixed random upstream gradient ``dy`` (``autograd.grad`` so that no ``.grad``
@@ -33,8 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cifarlab import layernorm
-from cifarlab.layernorm import LayerNormAutograd, LayerNormManual
+from cifarlab.ops import layernorm
+from cifarlab.ops.layernorm import LayerNormAutograd, LayerNormManual
 
 
 def parse_shape(text: str) -> tuple[int, ...]:

@@ -22,9 +22,9 @@ import numpy as np
 import torch
 
 from cifarlab.data import Batches, Preprocess
-from cifarlab.recipes import RECIPES
-from cifarlab.runs import machine
-from cifarlab.train import TorchLearner
+from cifarlab.training.recipes import RECIPES
+from cifarlab.training.runs import machine
+from cifarlab.training.torch_learner import TorchLearner
 
 # recipe -> (preset, overrides): each recipe's default preset, at a size that times in seconds
 MODELS = {

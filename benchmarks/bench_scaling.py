@@ -41,11 +41,11 @@ def worker(args: argparse.Namespace) -> None:
     """One process of a launch: time the trainer; rank 0 prints JSON."""
     import numpy as np
 
-    from cifarlab import distributed
     from cifarlab.data import Batches, Preprocess
-    from cifarlab.distributed import Dist
-    from cifarlab.recipes import RECIPES
-    from cifarlab.train import TorchLearner
+    from cifarlab.training import distributed
+    from cifarlab.training.distributed import Dist
+    from cifarlab.training.recipes import RECIPES
+    from cifarlab.training.torch_learner import TorchLearner
 
     dist = Dist.from_env()
     cfg = RECIPES[args.model].make_config(args.preset, batch_size=args.batch_size, precision="fp32")
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.worker:
         return worker(args)
-    from cifarlab.runs import machine
+    from cifarlab.training.runs import machine
 
     m = machine()
     print(f"CPU: {m['cpu']}, {m['cores']} cores, isa {m.get('isa')}")

@@ -43,7 +43,7 @@ def launch(src: str, run: str, out: Path) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    from cifarlab.runs import machine
+    from cifarlab.training.runs import machine
 
     m = machine()
     print(

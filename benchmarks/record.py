@@ -20,7 +20,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from cifarlab.runs import machine, versions
+from cifarlab.training.runs import machine, versions
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -42,10 +42,11 @@ def cpu_line(m: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("name", help="the output's name: results/bench/<name>-<cpu>.txt")
-    p.add_argument("command", nargs=argparse.REMAINDER, help="-- then the benchmark command")
     p.add_argument("--force", action="store_true", help="replace an existing output file")
-    args = p.parse_args(argv)
-    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    p.usage = "record.py [--force] NAME -- COMMAND..."
+    argv = sys.argv[1:] if argv is None else argv
+    cut = argv.index("--") if "--" in argv else len(argv)
+    args, command = p.parse_args(argv[:cut]), argv[cut + 1 :]
     if not command:
         p.error("give the benchmark command after --")
     m = machine()
@@ -55,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     v = versions()
     head = [
-        f"command: {shlex.join(command)}",
+        f"command: {shlex.join('python' if Path(a).name.startswith('python') else a for a in command)}",
         f"cpu: {cpu_line(m)}",
         f"versions: python {v['python']}, numpy {v['numpy']}, torch {v['torch']}",
         f"date: {datetime.date.today().isoformat()}",

@@ -55,7 +55,7 @@ def cpu_without_native_bf16(monkeypatch):
     """No test inherits what ``--precision auto`` means on the machine running it: auto is fp32
     here (as on an AVX2-only CPU). Tests of low precision ask for it with --precision, and tests
     of auto itself patch this probe to the answer they need (both answers are covered)."""
-    from cifarlab import devices
+    from cifarlab.training import devices
 
     monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: False)
 

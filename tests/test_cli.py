@@ -11,7 +11,7 @@ import pytest
 from cifarlab import data
 from cifarlab.cli import main
 from cifarlab.errors import UsageError
-from cifarlab.runs import RunDir
+from cifarlab.training.runs import RunDir
 
 
 def test_verify_ok_then_one_changed_byte(synthetic, capsys):

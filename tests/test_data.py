@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from cifarlab import data
-from cifarlab.data import DataError
-from cifarlab.errors import UsageError
+from cifarlab.data import disk
+from cifarlab.errors import DataError, UsageError
 
 # --------------------------------------------------------------------------- reading
 
@@ -92,14 +92,14 @@ def test_one_changed_byte_fails_md5(synthetic):
 def test_a_second_load_reuses_the_checked_copy_until_a_file_changes(synthetic, monkeypatch):
     root, _ = synthetic
     first = data.load_cifar10(root)
-    assert data._last_load is None  # files written just now are not trusted to stay: not cached
-    clock = data.time.time_ns
-    monkeypatch.setattr(data.time, "time_ns", lambda: clock() + 3600 * 10**9)  # an hour later
+    assert disk._last_load is None  # files written just now are not trusted to stay: not cached
+    clock = disk.time.time_ns
+    monkeypatch.setattr(disk.time, "time_ns", lambda: clock() + 3600 * 10**9)  # an hour later
     first = data.load_cifar10(root)
-    assert data._last_load is not None
+    assert disk._last_load is not None
     reads = []
-    real_read = data._read_batch
-    monkeypatch.setattr(data, "_read_batch", lambda *a: reads.append(a[1]) or real_read(*a))
+    real_read = disk._read_batch
+    monkeypatch.setattr(disk, "_read_batch", lambda *a: reads.append(a[1]) or real_read(*a))
     second = data.load_cifar10(root)
     assert reads == [] and all(np.array_equal(a, b) for a, b in zip(first, second))
     second[0][0] = 7  # each load is a copy of its own: changing one changes neither the cache nor others
@@ -319,7 +319,7 @@ def test_a_recently_touched_file_is_not_cached_even_with_an_old_mtime(synthetic)
     for f in (root / data.BIN_DIR).iterdir():  # mtime set back an hour; the change time is now
         os.utime(f, ns=(f.stat().st_atime_ns, f.stat().st_mtime_ns - 3600 * 10**9))
     data.load_cifar10(root)
-    assert data._last_load is None
+    assert disk._last_load is None
 
 
 def test_channel_stats_of_a_constant_channel_is_zero_not_nan():
@@ -385,3 +385,21 @@ def test_real_copy_matches_official_md5s_and_counts(real_data_dir):
     assert (data.class_counts(y_train) == 5000).all() and (data.class_counts(y_test) == 1000).all()
     mean, _ = data.channel_stats(x_train)
     np.testing.assert_allclose(mean, [125.3, 122.95, 113.87], atol=0.05)  # published CIFAR-10 means
+
+
+def test_the_data_streams_coincide_only_where_documented():
+    """Every random stream of the data layer is named in one place (data.memory); the two
+    coincidences its comment documents are the only ones among them."""
+    from cifarlab.data import memory
+
+    seed, first = 7, {}
+    for e in range(4):
+        first[f"order {e}"] = memory.order_stream(seed, e).integers(2**62)
+        first[f"augment {e}"] = memory.augment_stream(seed, e).integers(2**62)
+    first["first flips"] = memory.first_flips_stream(seed).integers(2**62)
+    first["split"] = memory.split_stream(seed).integers(2**62)
+    groups = {frozenset(k for k, v in first.items() if v == value) for value in first.values()}
+    assert {g for g in groups if len(g) > 1} == {
+        frozenset({"order 1", "augment 0"}),
+        frozenset({"order 2", "split"}),
+    }

@@ -20,14 +20,14 @@ import pytest
 import torch
 from safetensors.numpy import load_file
 
-from cifarlab import checkpoints, devices
 from cifarlab.cli import main
 from cifarlab.data import Preprocess, load_cifar10
-from cifarlab.distributed import Dist
 from cifarlab.errors import UsageError
-from cifarlab.recipes import RECIPES
-from cifarlab.runs import RunDir
-from cifarlab.train import TorchLearner
+from cifarlab.training import checkpoints, devices
+from cifarlab.training.distributed import Dist
+from cifarlab.training.recipes import RECIPES
+from cifarlab.training.runs import RunDir
+from cifarlab.training.torch_learner import TorchLearner
 
 TINY = ["--dnn-hidden-units", "32", "--batch-size", "20", "--max-steps", "6", "--eval-freq", "3",
         "--optimizer", "momentum", "--learning-rate", "0.05", "--preprocess", "standard"]  # fmt: skip

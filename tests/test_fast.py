@@ -11,14 +11,14 @@ import pytest
 import torch
 
 from cifarlab.cli import main
-from cifarlab.config import TrainConfig
 from cifarlab.data import Batches, Preprocess, crop_flip_indices
-from cifarlab.loop import process_age, time_to_accuracy
 from cifarlab.models import create_model
 from cifarlab.models.fast import BIAS_LR_SCALE, ConvGroup, FastNet
-from cifarlab.recipes import FastConfig
 from cifarlab.schedules import lookahead_decay
-from cifarlab.train import TorchLearner, make_optimizer
+from cifarlab.training.config import TrainConfig
+from cifarlab.training.loop import process_age, time_to_accuracy
+from cifarlab.training.recipes import FastConfig
+from cifarlab.training.torch_learner import TorchLearner, make_optimizer
 
 
 def test_whitening_decorrelates_the_patches():
@@ -160,7 +160,7 @@ def test_only_the_last_evaluations_see_the_whole_test_set(synthetic, tmp_path):
     """--full-evals 1: the evaluations before the last are a quick one-view check of
     --quick-eval-images test images (recorded as such); the final one sees them all, and its
     accuracy is the summary's, the same as a run evaluating fully each time."""
-    from cifarlab.recipes import FastConfig
+    from cifarlab.training.recipes import FastConfig
 
     cfg = FastConfig(max_steps=10, eval_freq=3, full_evals=2, quick_eval_images=7)
     assert [cfg.quick_check_images(s) for s in (3, 6, 9, 10)] == [7, 7, 0, 0]  # 4 evaluations, last 2 full
@@ -243,8 +243,8 @@ def test_whitening_bias_freezes_after_its_epochs_and_gets_no_gradient(synthetic)
     """--whiten-bias-epochs 1: the bias learns in epoch 1, and from epoch 2 on no gradient
     reaches the whitening layer (autograd builds no backward pass for it)."""
     from cifarlab.data import Batches, Preprocess, load_cifar10
-    from cifarlab.recipes import RECIPES
-    from cifarlab.train import TorchLearner
+    from cifarlab.training.recipes import RECIPES
+    from cifarlab.training.torch_learner import TorchLearner
 
     d = load_cifar10(synthetic[0])
     cfg = RECIPES["fast"].make_config(

@@ -1,4 +1,4 @@
-"""Tests for cifarlab.gradcheck: the checker must pass correct code and catch wrong code."""
+"""Tests for cifarlab.ops.gradcheck: the checker must pass correct code and catch wrong code."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cifarlab.gradcheck import check_module, numerical_gradient, rel_error
 from cifarlab.numpy_nn import Linear, Module
+from cifarlab.ops.gradcheck import check_module, numerical_gradient, rel_error
 
 FAST = settings(max_examples=25, deadline=None)
 

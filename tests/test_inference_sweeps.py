@@ -163,7 +163,7 @@ def test_seeds_sweep_reports_mean_and_std(synthetic, tmp_path):
 
 
 def test_activations_sweep_measures_each_activation(synthetic, tmp_path, capsys, monkeypatch):
-    from cifarlab.sweeps import activations
+    from cifarlab.study.sweeps import activations
 
     monkeypatch.setattr(activations, "HIDDEN", [8, 8])
     monkeypatch.setattr(activations, "STEPS", 4)
@@ -186,7 +186,7 @@ def test_activations_sweep_measures_each_activation(synthetic, tmp_path, capsys,
 
 
 def test_norms_sweep_covers_every_norm_and_batch_size(synthetic, tmp_path, capsys, monkeypatch):
-    from cifarlab.sweeps import norms
+    from cifarlab.study.sweeps import norms
 
     monkeypatch.setattr(norms, "BATCHES", (2, 8))
     monkeypatch.setattr(norms, "IMAGES", 16)  # 8 steps at batch 2, 2 at batch 8

@@ -1,4 +1,4 @@
-"""Tests for cifarlab.kernels (build on first use, cache, fallback) and the LayerNorm C kernel."""
+"""Tests for cifarlab.ops.kernels (build on first use, cache, fallback) and the LayerNorm C kernel."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import stat
 import pytest
 import torch
 
-from cifarlab import kernels, layernorm
-from cifarlab.layernorm import LayerNormFunction
+from cifarlab.ops import kernels, layernorm
+from cifarlab.ops.layernorm import LayerNormFunction
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""Tests for cifarlab.layernorm: LayerNormAutograd, LayerNormFunction, LayerNormManual."""
+"""Tests for cifarlab.ops.layernorm: LayerNormAutograd, LayerNormFunction, LayerNormManual."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from cifarlab import kernels, layernorm
-from cifarlab.layernorm import LayerNormAutograd, LayerNormFunction, LayerNormManual
+from cifarlab.ops import kernels, layernorm
+from cifarlab.ops.layernorm import LayerNormAutograd, LayerNormFunction, LayerNormManual
 
 F64 = torch.float64
 IMPLS = ["autograd", "function", "manual"]

@@ -14,12 +14,12 @@ import pytest
 
 from cifarlab import data
 from cifarlab.cli import main
-from cifarlab.config import TrainConfig
 from cifarlab.data import CLASSES, Preprocess, load_cifar10
-from cifarlab.loop import TrainState, fit, restore
 from cifarlab.numpy_nn.train import NumpyLearner
-from cifarlab.recipes import RECIPES
-from cifarlab.runs import RunDir
+from cifarlab.training.config import TrainConfig
+from cifarlab.training.loop import TrainState, fit, restore
+from cifarlab.training.recipes import RECIPES
+from cifarlab.training.runs import RunDir
 
 TRAIN_KEYS = {"step", "epoch", "train_loss", "train_acc", "lr", "seconds"}
 TEST_KEYS = {"test_loss", "test_acc"}

@@ -269,7 +269,7 @@ def test_mlp_layer_norm_prefers_manual_implementation():
     model = MLP(8, [4], 2, norm="layer")
     norm = model.hidden[0].norm
     try:
-        from cifarlab.layernorm import LayerNormManual
+        from cifarlab.ops.layernorm import LayerNormManual
     except ImportError:
         assert isinstance(norm, nn.LayerNorm)
     else:
@@ -311,7 +311,7 @@ def test_builtin_models_registered():
 
 def test_every_registered_model_can_be_trained():
     """Each name create_model knows has a recipe (`cifarlab train NAME`), and the other way round."""
-    from cifarlab.recipes import RECIPES
+    from cifarlab.training.recipes import RECIPES
 
     assert set(list_models()) == set(RECIPES)
 

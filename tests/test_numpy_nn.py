@@ -11,7 +11,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from numpy.lib.stride_tricks import sliding_window_view
 
-from cifarlab.gradcheck import check_module, numerical_gradient, rel_error
 from cifarlab.numpy_nn import (
     ELU,
     MLP,
@@ -24,6 +23,7 @@ from cifarlab.numpy_nn import (
     SoftmaxCrossEntropy,
     Tanh,
 )
+from cifarlab.ops.gradcheck import check_module, numerical_gradient, rel_error
 
 TOL = 1e-6
 FAST = settings(max_examples=25, deadline=None)
@@ -49,7 +49,7 @@ def one_hot(labels: np.ndarray, C: int) -> np.ndarray:
 
 def test_import_does_not_import_torch():
     code = (
-        "import sys; import cifarlab.numpy_nn, cifarlab.gradcheck; "
+        "import sys; import cifarlab.numpy_nn, cifarlab.ops.gradcheck; "
         "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

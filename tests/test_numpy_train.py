@@ -86,12 +86,12 @@ def test_mlp_numpy_resumes_bitwise_through_the_same_loop(synthetic, tmp_path):
 
     import numpy as np
 
-    from cifarlab import checkpoints
     from cifarlab.data import Preprocess, load_cifar10
-    from cifarlab.loop import fit, restore
     from cifarlab.numpy_nn.train import NumpyLearner
-    from cifarlab.recipes import RECIPES
-    from cifarlab.runs import RunDir
+    from cifarlab.training import checkpoints
+    from cifarlab.training.loop import fit, restore
+    from cifarlab.training.recipes import RECIPES
+    from cifarlab.training.runs import RunDir
 
     d = load_cifar10(synthetic[0])
     cfg = RECIPES["mlp-numpy"].make_config(

@@ -15,9 +15,10 @@ import pytest
 import torch
 from safetensors.numpy import load_file
 
-from cifarlab import devices, layernorm
 from cifarlab.cli import main
-from cifarlab.recipes import RECIPES
+from cifarlab.ops import layernorm
+from cifarlab.training import devices
+from cifarlab.training.recipes import RECIPES
 
 TINY = ["--max-steps", "2", "--eval-freq", "1", "--no-progress"]
 # model -> its arguments at a size that trains in about a second on synthetic data

@@ -11,9 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from cifarlab import report
 from cifarlab.cli import main
-from cifarlab.experiments import SECTIONS, catalogue, expected_settings, matches
+from cifarlab.errors import UsageError
+from cifarlab.study import report
+from cifarlab.study.experiments import SECTIONS, catalogue, expected_settings, matches
+from cifarlab.training.recipes import resolve
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -170,14 +172,14 @@ def test_markdown_inline_to_html_escapes():
 def test_a_failed_run_costs_its_row_not_the_report(synthetic, tmp_path, monkeypatch, capsys):
     """One experiment diverges: the report is still written, its row says failed with the
     path of its log, the other row has its number, and the exit status is not 0."""
-    from cifarlab import experiments
-    from cifarlab.experiments import Experiment
+    from cifarlab.study import experiments
+    from cifarlab.study.experiments import Experiment
 
-    tiny = ("--dnn-hidden-units", "8", "--batch-size", "10")
-    quick = ("--max-steps", "2", "--eval-freq", "2")
+    tiny = {"dnn_hidden_units": [8], "batch_size": 10}
+    quick = {"max_steps": 2, "eval_freq": 2}
     exps = [
-        Experiment("ok", "beyond", "fine", ("mlp", *tiny), quick=quick),
-        Experiment("boom", "beyond", "diverges", ("mlp", *tiny, "--learning-rate", "1e30"), quick=quick),
+        Experiment("ok", "beyond", "fine", "mlp", tiny, quick=quick),
+        Experiment("boom", "beyond", "diverges", "mlp", {**tiny, "learning_rate": 1e30}, quick=quick),
     ]
     monkeypatch.setattr(experiments, "catalogue", lambda: exps)
     out = tmp_path / "study"
@@ -279,7 +281,7 @@ def test_a_failing_report_leaves_the_previous_one_whole(tmp_path, synthetic, mon
 
 
 def _fake_run(path: Path, device: str, cpu: str, acc: float, wall: float, seed: int, precision: str):
-    from cifarlab.runlist import Run
+    from cifarlab.study.runlist import Run
 
     config = {"model": "mlp", "train": {"seed": seed}, "distributed": {"device": device, "precision": precision},
               "machine": {"cpu": cpu, "cores": 2, "threads": 2, "isa": {"avx2": True}}}  # fmt: skip
@@ -348,12 +350,66 @@ def test_an_experiment_outside_the_known_families_still_gets_its_row(tmp_path, m
     report (with its command, as missing) instead of dropping out silently."""
     import dataclasses
 
-    from cifarlab import experiments
+    from cifarlab.study import experiments
 
     base = next(e for e in catalogue() if e.name == "activation-tanh")
     extra = dataclasses.replace(base, name="dropout-probe", label="MLP with dropout 0.3",
-                                argv=(*base.argv, "--dropout", "0.3"))  # fmt: skip
+                                settings={**base.settings, "dropout": 0.3})  # fmt: skip
     monkeypatch.setattr(experiments, "catalogue", lambda: [*catalogue(), extra])
     rep = report.Report(report.Found(), tmp_path / "out")
     text = report.to_markdown(rep.build())
     assert "More Part 2 experiments" in text and "MLP with dropout 0.3" in text and "--dropout 0.3" in text
+
+
+def test_every_experiment_command_runs_exactly_its_resolved_config():
+    """An experiment is data (model, preset, settings); the command the report prints for it,
+    read back by `cifarlab train`'s own parser, gives the config `resolve` gives."""
+    import dataclasses
+
+    from cifarlab.training.train_command import parse_overrides
+
+    for exp in catalogue():
+        for budget in ("full", "quick"):
+            argv = exp.command(budget)
+            preset, given = parse_overrides(argv[0], argv[1:])
+            assert (argv[0], preset) == (exp.model, exp.preset)
+            from_text = resolve(exp.model, preset, given)
+            assert dataclasses.asdict(from_text) == dataclasses.asdict(exp.config(budget)), exp.name
+
+
+def test_resolve_refuses_unknown_names_in_one_line():
+    with pytest.raises(UsageError, match="unknown model 'resnet'"):
+        resolve("resnet")
+    with pytest.raises(UsageError, match="no preset 'best'"):
+        resolve("fast", "best")
+    with pytest.raises(UsageError, match="unknown setting"):
+        resolve("mlp", None, {"learning_rat": 0.1})
+    with pytest.raises(UsageError, match="--learning-rate must be in"):
+        resolve("mlp", None, {"learning_rate": -1})
+    assert resolve("mlp", None, {"learning_rate": 1}).learning_rate == 1.0  # an int for a float, as its flag
+    assert isinstance(resolve("mlp", None, {"learning_rate": 1}).learning_rate, float)
+
+
+def test_to_flags_writes_what_the_parser_reads():
+    from cifarlab.training.config import to_flags
+    from cifarlab.training.train_command import parse_overrides
+
+    settings = {"augment": True, "dnn_hidden_units": [500, 300], "learning_rate": 1e-30, "channels_last": False,
+                "optimizer": "adamw", "max_steps": 7, "momentum": 0.0}  # fmt: skip
+    assert parse_overrides("mlp", to_flags(settings)) == (None, settings)
+
+
+def test_a_new_section_of_the_catalogue_appears_in_the_report(tmp_path, monkeypatch):
+    """The report's sections come from the catalogue: a section the report has no words for
+    still gets its heading and its experiments' rows."""
+    import dataclasses
+
+    from cifarlab.study import experiments
+
+    base = next(e for e in catalogue() if e.name == "mlp-best")
+    extra = dataclasses.replace(base, name="mlp-wide", section="probes", label="MLP, wide probe")
+    monkeypatch.setitem(experiments.SECTIONS, "probes", "Probes: one more section")
+    monkeypatch.setattr(experiments, "catalogue", lambda: [*catalogue(), extra])
+    text = report.to_markdown(report.Report(report.Found(), tmp_path / "out").build())
+    assert "## Probes: one more section" in text and "MLP, wide probe" in text
+    assert text.index("## Probes") > text.index("Beyond the seed")

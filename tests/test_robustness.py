@@ -16,9 +16,11 @@ import torch
 from PIL import Image
 from safetensors.numpy import save_file
 
-from cifarlab import checkpoints, data, inference
+from cifarlab import data
 from cifarlab.cli import main
-from cifarlab.errors import CheckpointError
+from cifarlab.errors import CheckpointError, DataError
+from cifarlab.study import inference
+from cifarlab.training import checkpoints
 
 TINY = ["--no-progress", "--max-steps", "4", "--eval-freq", "2", "--batch-size", "20"]
 
@@ -478,7 +480,7 @@ def test_data_module_never_unpickles_without_md5(synthetic_py, monkeypatch):
     root, _ = synthetic_py
     f = root / data.PY_DIR / "data_batch_1"
     f.write_bytes(f.read_bytes() + b"x")
-    with pytest.raises(data.DataError, match="md5 mismatch"):
+    with pytest.raises(DataError, match="md5 mismatch"):
         data.load_cifar10(root)
 
 
@@ -653,7 +655,7 @@ def test_a_full_disk_while_logging_is_one_line_naming_the_file(tiny_run, synthet
     saying that the last checkpoint is resumable."""
     if not Path("/dev/full").exists():
         pytest.skip("no /dev/full")
-    from cifarlab.runs import RunDir
+    from cifarlab.training.runs import RunDir
 
     metrics = tiny_run / "metrics.jsonl"
     kept = metrics.read_bytes()
@@ -684,8 +686,8 @@ def test_vgg_weights_that_are_not_weights_are_one_line(synthetic, tmp_path, caps
 
 @pytest.mark.parametrize("value", ["nan", "inf", "1e20", "0"])
 def test_dist_timeout_must_be_sane(monkeypatch, value):
-    from cifarlab import distributed
     from cifarlab.errors import UsageError
+    from cifarlab.training import distributed
 
     monkeypatch.setenv("CIFARLAB_DIST_TIMEOUT", value)
     with pytest.raises(UsageError, match="CIFARLAB_DIST_TIMEOUT"):
@@ -693,8 +695,8 @@ def test_dist_timeout_must_be_sane(monkeypatch, value):
 
 
 def test_a_stray_world_size_without_a_master_is_one_line():
-    from cifarlab.distributed import Dist
     from cifarlab.errors import UsageError
+    from cifarlab.training.distributed import Dist
 
     with pytest.raises(UsageError, match="MASTER_ADDR"):
         Dist.from_env({"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"})
@@ -745,7 +747,7 @@ def test_a_sweep_restarts_a_run_killed_before_its_first_checkpoint(synthetic, tm
 
 
 def test_two_reproduce_on_one_folder_are_refused(tmp_path, capsys):
-    from cifarlab.runs import RunDir
+    from cifarlab.training.runs import RunDir
 
     out = tmp_path / "study"
     out.mkdir()

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 import cifarlab
 from cifarlab.cli import main
-from cifarlab.runlist import read_run
+from cifarlab.study.runlist import read_run
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -229,7 +229,7 @@ def test_compare_errors_are_one_line_and_write_nothing(tmp_path, capsys, monkeyp
 
 def test_importing_the_commands_imports_neither_torch_nor_matplotlib():
     """The CLI imports both modules to build its parser: `cifarlab runs` must stay fast."""
-    code = "import sys, cifarlab.runlist, cifarlab.compare; print(sorted({'torch', 'matplotlib'} & set(sys.modules)))"
+    code = "import sys, cifarlab.study.runlist, cifarlab.study.compare; print(sorted({'torch', 'matplotlib'} & set(sys.modules)))"
     env = {**os.environ, "PYTHONPATH": str(Path(cifarlab.__file__).parents[1])}
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
     assert r.stdout.strip() == "[]"

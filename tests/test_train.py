@@ -11,15 +11,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cifarlab import checkpoints
 from cifarlab.cli import main
-from cifarlab.config import TrainConfig
 from cifarlab.data import Preprocess, load_cifar10
 from cifarlab.errors import TrainingDiverged
-from cifarlab.loop import TrainState, fit, restore
-from cifarlab.runs import RunDir
 from cifarlab.schedules import lr_at
-from cifarlab.train import TorchLearner, make_optimizer
+from cifarlab.training import checkpoints
+from cifarlab.training.config import TrainConfig
+from cifarlab.training.loop import TrainState, fit, restore
+from cifarlab.training.runs import RunDir
+from cifarlab.training.torch_learner import TorchLearner, make_optimizer
 
 
 def _tiny_model():

@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from cifarlab import checkpoints
 from cifarlab.cli import main
 from cifarlab.data import load_cifar10, split_validation
 from cifarlab.errors import UsageError
-from cifarlab.recipes import RECIPES
-from cifarlab.train import TorchLearner
+from cifarlab.training import checkpoints
+from cifarlab.training.recipes import RECIPES
+from cifarlab.training.torch_learner import TorchLearner
 
 
 def test_split_is_stratified_disjoint_and_seeded():

@@ -6,7 +6,7 @@ OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
 ACTIVATIONS = ("elu", "relu", "tanh", "gelu")
 NUMPY_ACTIVATIONS = ("elu", "relu", "tanh")  # the NumPy MLP has no GELU
 NORMS = ("none", "batch", "layer")
-# --norm layer's implementation (cifarlab.layernorm): the autograd.Function with the hand-written
+# --norm layer's implementation (cifarlab.ops.layernorm): the autograd.Function with the hand-written
 # backward (its C kernel or eager ops: CIFARLAB_LAYERNORM), the autograd-derived module, or torch's
 LAYERNORMS = ("function", "autograd", "torch")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # cifarlab.devices.resolve_precision
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # cifarlab.training.devices.resolve_precision

@@ -13,24 +13,30 @@ import sys
 from collections.abc import Sequence
 
 from cifarlab import __version__
-from cifarlab.config import PRECISIONS, add_data_args, add_device_arg, add_progress_arg
-from cifarlab.config import ArgumentParser as _Parser
 from cifarlab.errors import UsageError, run_command
+from cifarlab.training.config import PRECISIONS, add_data_args, add_device_arg, add_progress_arg
+from cifarlab.training.config import ArgumentParser as _Parser
 
 SWEEPS: dict[str, tuple[str, str]] = {
-    "table1": ("cifarlab.sweeps.table1", "the seed's Table 1: seven PyTorch MLP configurations"),
-    "activations": ("cifarlab.sweeps.activations", "ELU vs Tanh vs ReLU, with gradient norms"),
-    "norms": ("cifarlab.sweeps.norms", "no norm vs BatchNorm vs LayerNorm across batch sizes"),
-    "seeds": ("cifarlab.sweeps.seeds", "one recipe over several seeds: mean ± std"),
+    "table1": ("cifarlab.study.sweeps.table1", "the seed's Table 1: seven PyTorch MLP configurations"),
+    "activations": ("cifarlab.study.sweeps.activations", "ELU vs Tanh vs ReLU, with gradient norms"),
+    "norms": ("cifarlab.study.sweeps.norms", "no norm vs BatchNorm vs LayerNorm across batch sizes"),
+    "seeds": ("cifarlab.study.sweeps.seeds", "one recipe over several seeds: mean ± std"),
 }
 
 
 # commands that read or run many run directories: module with add_arguments(p) and main(args)
 TOOLS: dict[str, tuple[str, str]] = {
-    "runs": ("cifarlab.runlist", "list run directories: model, preset, steps, accuracy, time, status"),
-    "compare": ("cifarlab.compare", "overlay runs' curves in one PNG and list the settings that differ"),
-    "report": ("cifarlab.report", "the seed's report regenerated from run directories (HTML + Markdown)"),
-    "reproduce": ("cifarlab.reproduce", "run every experiment the report needs, then the report"),
+    "runs": ("cifarlab.study.runlist", "list run directories: model, preset, steps, accuracy, time, status"),
+    "compare": (
+        "cifarlab.study.compare",
+        "overlay runs' curves in one PNG and list the settings that differ",
+    ),
+    "report": (
+        "cifarlab.study.report",
+        "the seed's report regenerated from run directories (HTML + Markdown)",
+    ),
+    "reproduce": ("cifarlab.study.reproduce", "run every experiment the report needs, then the report"),
 }
 
 
@@ -40,8 +46,8 @@ def sweeps() -> dict[str, str]:
 
 
 def trainers() -> dict[str, str]:
-    """name -> description of every model ``cifarlab train`` knows (cifarlab.recipes)."""
-    from cifarlab.recipes import RECIPES
+    """name -> description of every model ``cifarlab train`` knows (cifarlab.training.recipes)."""
+    from cifarlab.training.recipes import RECIPES
 
     return {name: r.description for name, r in RECIPES.items()}
 
@@ -122,7 +128,7 @@ def _dispatch(kind: str, args: argparse.Namespace) -> int:
         raise UsageError(f"unknown {kind} target {args.target!r}; choose one of: {', '.join(table)}")
     sp = _Parser(prog=f"cifarlab {kind} {args.target}", description=table[args.target])
     if kind == "train":
-        from cifarlab import train_command
+        from cifarlab.training import train_command
 
         return train_command.run_argv([args.target, *args.rest])
     module = importlib.import_module(SWEEPS[args.target][0])
@@ -190,7 +196,7 @@ def _run(argv: list[str]) -> int:
         return _dispatch(args.command, args)
     if args.command in TOOLS:
         return importlib.import_module(TOOLS[args.command][0]).main(args) or 0
-    from cifarlab import inference  # eval / predict
+    from cifarlab.study import inference  # eval / predict
 
     return inference.main(args)
 

@@ -3,12 +3,14 @@
 >>> from cifarlab.models import create_model, list_models
 >>> model = create_model("convnet", num_classes=10)
 
-New model modules register factories with ``@register_model("name")`` and are imported
-here so that registration happens on ``import cifarlab.models``. This package must not import
-the trainer or data modules.
+A model module registers its factory with ``@register_model("name")``; every module of this
+package is imported here, so a new model file needs no line in this one. This package must
+not import the trainer (cifarlab.training) or anything above it.
 """
 
-# The model modules are imported for their @register_model side effects.
+import importlib
+import pkgutil
+
 from cifarlab.models.convnet import ConvNet, PreActBlock
 from cifarlab.models.efficientnet import EfficientNetLite
 from cifarlab.models.fast import FastNet
@@ -22,6 +24,9 @@ from cifarlab.registry import (
     list_models,
     register_model,
 )
+
+for _module in pkgutil.iter_modules(__path__):  # registration happens on import
+    importlib.import_module(f"{__name__}.{_module.name}")
 
 __all__ = [
     "MLP",

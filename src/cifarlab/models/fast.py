@@ -1,7 +1,7 @@
 """The ``fast`` network: a small VGG-like net for reaching 94 % on CIFAR-10 in as little arithmetic
 as possible (the recipe family of D. Page's ResNet-9, tysam-code's hlb-CIFAR10 and K. Jordan's
 airbench; paper: "94% on CIFAR-10 in 3.29 Seconds on a Single GPU", 2024). Written here for
-cifarlab's trainer; the recipe's hyperparameters are ``cifarlab.recipes.FAST``.
+cifarlab's trainer; the recipe's hyperparameters are ``cifarlab.training.recipes.FAST``.
 
     input (N, 3, 32, 32), normalised per channel
     whiten    conv 2×2, 3 -> 2·12, frozen: the 12 eigenvectors of the 2×2×3 patch covariance,

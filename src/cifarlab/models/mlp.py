@@ -24,7 +24,7 @@ ACTIVATION_LAYERS: dict[str, type[nn.Module]] = {
 
 def _layer_norm(n: int, impl: str) -> nn.Module:
     """A layer norm over ``n`` features, by ``impl`` (one of cifarlab.choices.LAYERNORMS)."""
-    from cifarlab.layernorm import LayerNormAutograd, LayerNormManual
+    from cifarlab.ops.layernorm import LayerNormAutograd, LayerNormManual
 
     layers = {"function": LayerNormManual, "autograd": LayerNormAutograd, "torch": nn.LayerNorm}
     if impl not in layers:
@@ -58,7 +58,7 @@ class MLP(nn.Module):
         dropout: dropout probability after each hidden activation (0 disables it).
         norm_after_activation: ``Linear -> activation -> norm`` instead (the seed's order).
         layernorm: the layer norm of ``norm='layer'``: ``'function'``
-            (``cifarlab.layernorm.LayerNormManual``), ``'autograd'`` (``LayerNormAutograd``)
+            (``cifarlab.ops.layernorm.LayerNormManual``), ``'autograd'`` (``LayerNormAutograd``)
             or ``'torch'`` (``nn.LayerNorm``).
     """
 

@@ -105,7 +105,7 @@ def check_hash(path: Path) -> None:
 
 def fetch(name: str, progress: bool = True) -> Path:
     """The official ImageNet file of ``name``, downloaded once into the cache (hash checked)."""
-    from cifarlab.downloads import DownloadFailed, stream
+    from cifarlab.data.downloads import DownloadFailed, stream
 
     url = URLS[name]
     dest = cache_dir() / url.rsplit("/", 1)[1]

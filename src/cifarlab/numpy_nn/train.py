@@ -1,8 +1,8 @@
-"""The NumPy side of the one training loop (``cifarlab.loop.fit``): ``NumpyLearner``.
+"""The NumPy side of the one training loop (``cifarlab.training.loop.fit``): ``NumpyLearner``.
 
 ``cifarlab train mlp-numpy`` trains the NumPy MLP by hand-written backprop through the same
 loop, run directory, checkpoints and resume as every torch model; presets are in
-``cifarlab.recipes``. Never imports torch.
+``cifarlab.training.recipes``. Never imports torch.
 """
 
 from __future__ import annotations
@@ -11,11 +11,11 @@ from typing import Any
 
 import numpy as np
 
-from cifarlab.config import TrainConfig
 from cifarlab.data import Batch, Preprocess, confusion_matrix
 from cifarlab.numpy_nn.mlp import MLP
 from cifarlab.numpy_nn.modules import SoftmaxCrossEntropy
 from cifarlab.numpy_nn.optim import SGD, Adam, Optimizer
+from cifarlab.training.config import TrainConfig
 
 
 def make_optimizer(cfg: TrainConfig, model: MLP) -> Optimizer:
@@ -47,7 +47,7 @@ def evaluate(model: MLP, x: np.ndarray, y: np.ndarray, prep: Preprocess, batch_s
 
 
 class NumpyLearner:
-    """The NumPy MLP and its optimizer, driven by ``cifarlab.loop.fit``."""
+    """The NumPy MLP and its optimizer, driven by ``cifarlab.training.loop.fit``."""
 
     libraries = ("numpy",)
 

@@ -16,9 +16,9 @@ import sys
 import time
 from pathlib import Path
 
-from cifarlab.config import add_data_args, add_device_arg, add_progress_arg
 from cifarlab.errors import UsageError
-from cifarlab.runs import RunDir
+from cifarlab.training.config import add_data_args, add_device_arg, add_progress_arg
+from cifarlab.training.runs import RunDir
 
 # rough images/s of this project's 2-core development CPU (AVX2), per model: training, evaluation;
 # only for the ETA, which is rescaled by the speed the finished runs actually had
@@ -33,8 +33,8 @@ START_SECONDS = 4.0  # a process start: Python, torch, the data
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from cifarlab.experiments import BUDGETS
-    from cifarlab.sweeps.common import add_precision_arg
+    from cifarlab.study.experiments import BUDGETS
+    from cifarlab.study.sweeps.common import add_precision_arg
 
     p.add_argument("--budget", choices=BUDGETS, default="quick",
                    help="quick: every experiment once, a few steps (minutes); full: the real protocols (hours)")  # fmt: skip
@@ -60,7 +60,7 @@ def estimate_seconds(settings: dict, model: str) -> float:
 
 
 def main(args: argparse.Namespace) -> int:
-    from cifarlab import report
+    from cifarlab.study import report
 
     if not 1 <= args.jobs <= 64:
         raise UsageError(f"--jobs must be in 1..64, got {args.jobs}")
@@ -78,14 +78,16 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _reproduce(args: argparse.Namespace, out: Path, runs_root: Path, report_dir: Path) -> int:
-    from cifarlab import report
-    from cifarlab.experiments import catalogue, expected_settings
-    from cifarlab.sweeps import common
+    from cifarlab.study import report
+    from cifarlab.study.experiments import catalogue, expected_settings
+    from cifarlab.study.sweeps import common
 
     jobs, estimates, experiment = [], {}, {}
     for exp in catalogue():
         for seed in exp.run_seeds(args.budget):
-            job = common.Job(f"{exp.name}-seed{seed}", exp.command(args.budget, seed))
+            job = common.Job(
+                f"{exp.name}-seed{seed}", exp.model, exp.overrides(args.budget, seed), exp.preset
+            )
             experiment[job.name] = exp.name
             model, settings = expected_settings(exp, args.budget, seed)
             estimates[job.name] = estimate_seconds(settings, model)

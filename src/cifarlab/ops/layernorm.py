@@ -39,7 +39,7 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from cifarlab import kernels
+from cifarlab.ops import kernels
 
 __all__ = [
     "BACKENDS",
@@ -53,7 +53,7 @@ __all__ = [
 
 # -- backends of LayerNormFunction ------------------------------------------------------------
 # "eager": the formulas as a few PyTorch tensor ops (below, in LayerNormFunction).
-# "kernel": the same formulas fused per row in C (src/cifarlab/kernels/layernorm.c), compiled on
+# "kernel": the same formulas fused per row in C (src/cifarlab/ops/kernels/layernorm.c), compiled on
 #   first use; each row is then read from memory ~2 times per pass instead of ~8 (forward) and
 #   ~14 (backward) for the eager ops. CPU float32/float64 tensors only; anything else (another
 #   device, float16, bfloat16, an empty input) runs eager. Every tensor is checked before its

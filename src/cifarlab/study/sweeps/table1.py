@@ -9,9 +9,9 @@ from __future__ import annotations
 import argparse
 import statistics
 
-from cifarlab.config import FIRST_SEED
 from cifarlab.errors import UsageError
-from cifarlab.sweeps import common
+from cifarlab.study.sweeps import common
+from cifarlab.training.config import FIRST_SEED, parse_int_list
 
 # (hidden, optimizer, lr, steps, the seed's test accuracy): spec.md, Part 2
 CONFIGS = [
@@ -53,11 +53,11 @@ def jobs(rows, seeds, bn_first: bool = False) -> list[common.Job]:
     for i in rows:
         hidden, opt, lr, steps, _ = CONFIGS[i - 1]
         for seed in seeds:
-            argv = ["mlp", "--dnn-hidden-units", hidden, "--optimizer", opt, "--learning-rate", str(lr),
-                    "--max-steps", str(steps), "--norm", "batch", "--seed", str(seed)]  # fmt: skip
+            settings = {"dnn_hidden_units": parse_int_list(hidden), "optimizer": opt, "learning_rate": lr,
+                        "max_steps": steps, "norm": "batch", "seed": seed}  # fmt: skip
             if not bn_first:
-                argv.append("--norm-after-activation")
-            out.append(common.Job(f"config{i}-seed{seed}", argv))
+                settings["norm_after_activation"] = True
+            out.append(common.Job(f"config{i}-seed{seed}", "mlp", settings))
     return out
 
 

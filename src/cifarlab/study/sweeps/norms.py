@@ -13,8 +13,8 @@ import math
 
 import numpy as np
 
-from cifarlab.config import FIRST_SEED
-from cifarlab.sweeps import common
+from cifarlab.study.sweeps import common
+from cifarlab.training.config import FIRST_SEED
 
 NORMS = ("none", "batch", "layer")
 BATCHES = (2, 8, 32, 200)
@@ -29,8 +29,8 @@ def batch_stat_accuracy(run, x_test: np.ndarray, y_test: np.ndarray, batch_size:
     """Test accuracy in train mode: each test batch normalised by its own statistics."""
     import torch
 
-    from cifarlab import checkpoints
-    from cifarlab.train import logits_in_batches
+    from cifarlab.training import checkpoints
+    from cifarlab.training.torch_learner import logits_in_batches
 
     ckpt = checkpoints.load(run.checkpoint_dir)
     model = checkpoints.build_model(ckpt)
@@ -49,10 +49,10 @@ def jobs(seeds) -> list[common.Job]:
         for b in BATCHES:
             steps = IMAGES // b
             for s in seeds:
-                argv = ["mlp", "--norm", norm, "--dnn-hidden-units", "500,300", "--optimizer", "adam",
-                        "--learning-rate", f"{1e-3 * math.sqrt(b / 200):.3g}", "--batch-size", str(b),
-                        "--max-steps", str(steps), "--eval-freq", str(max(1, steps // 10)), "--seed", str(s)]  # fmt: skip
-                out.append(common.Job(f"{norm}-b{b}-seed{s}", argv))
+                settings = {"norm": norm, "dnn_hidden_units": [500, 300], "optimizer": "adam",
+                            "learning_rate": float(f"{1e-3 * math.sqrt(b / 200):.3g}"), "batch_size": b,
+                            "max_steps": steps, "eval_freq": max(1, steps // 10), "seed": s}  # fmt: skip
+                out.append(common.Job(f"{norm}-b{b}-seed{s}", "mlp", settings))
     return out
 
 
@@ -84,7 +84,7 @@ def main(args: argparse.Namespace) -> int:
         "",
         f"Command: `cifarlab sweep norms --seeds {args.seeds}`. MLP 500,300 ELU, Adam lr 1e-3·sqrt(B/200), "
         f"{IMAGES // 1000}k training images per run (2 epochs), seed preprocessing; {args.seeds} seed(s) per cell. "
-        f"LayerNorm is `cifarlab.layernorm.LayerNormManual` (hand-written backward). Run directories: `{args.out_root}/`.",
+        f"LayerNorm is `cifarlab.ops.layernorm.LayerNormManual` (hand-written backward). Run directories: `{args.out_root}/`.",
         "",
         f"| final test accuracy | {head} |",
         "|---|" + "---|" * len(BATCHES),

@@ -13,8 +13,8 @@ import statistics
 
 import numpy as np
 
-from cifarlab.config import FIRST_SEED
-from cifarlab.sweeps import common
+from cifarlab.study.sweeps import common
+from cifarlab.training.config import FIRST_SEED
 
 ACTS = ("elu", "tanh", "relu")
 HIDDEN = [256, 256, 256, 256]
@@ -52,30 +52,12 @@ def init_probe(activation: str, seed: int, x: np.ndarray, y: np.ndarray) -> dict
 
 def jobs(seeds) -> list[common.Job]:
     """One run per activation and seed: the same deep MLP, gradient norms logged."""
-    hidden = ",".join(map(str, HIDDEN))
     return [
-        common.Job(
-            f"{a}-seed{s}",
-            [
-                "mlp",
-                "--activation",
-                a,
-                "--dnn-hidden-units",
-                hidden,
-                "--optimizer",
-                "adam",
-                "--max-steps",
-                str(STEPS),
-                "--eval-freq",
-                str(EVAL),
-                "--seed",
-                str(s),
-                "--log-grad-norms",
-            ],
-        )  # fmt: skip
+        common.Job(f"{a}-seed{s}", "mlp", {"activation": a, "dnn_hidden_units": list(HIDDEN), "optimizer": "adam",
+                                           "max_steps": STEPS, "eval_freq": EVAL, "seed": s, "log_grad_norms": True})
         for a in ACTS
         for s in seeds
-    ]
+    ]  # fmt: skip
 
 
 def main(args: argparse.Namespace) -> int:

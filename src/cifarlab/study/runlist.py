@@ -20,7 +20,7 @@ from typing import Any
 
 from cifarlab.errors import CheckpointError, CifarlabError, UsageError, json_safe
 from cifarlab.files import parse_json, read_bytes
-from cifarlab.runs import CHECKPOINT_DIRS, CONFIG_FILE, RunDir
+from cifarlab.training.runs import CHECKPOINT_DIRS, CONFIG_FILE, RunDir
 
 STATUSES = ("finished", "running", "diverged", "interrupted", "damaged")
 NOT_RUNS = CHECKPOINT_DIRS  # a run's own folders, never searched

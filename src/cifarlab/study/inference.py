@@ -18,7 +18,7 @@ import numpy as np
 from cifarlab.data import CLASSES, confusion_matrix, load_cifar10
 from cifarlab.errors import CheckpointError, UsageError, json_safe, reason
 from cifarlab.files import atomic_write_json, check_writable_dir
-from cifarlab.runs import CHECKPOINT_DIRS, CONFIG_FILE
+from cifarlab.training.runs import CHECKPOINT_DIRS, CONFIG_FILE
 
 
 def load_classifier(
@@ -29,8 +29,8 @@ def load_classifier(
     The same path for every registered model, torch or NumPy; a NumPy checkpoint never
     imports torch (and runs on the CPU); a torch model runs on ``device``.
     """
-    from cifarlab.checkpoints import build_model, load
     from cifarlab.registry import get_model_entry
+    from cifarlab.training.checkpoints import build_model, load
 
     ckpt = load(path)
     model = build_model(ckpt)
@@ -47,8 +47,8 @@ def load_classifier(
         def logits(x: np.ndarray) -> np.ndarray:
             return model.logits(features(x, prep, model.dtype))
     else:
-        from cifarlab.devices import resolve_device, resolve_precision
-        from cifarlab.train import logits_in_batches
+        from cifarlab.training.devices import resolve_device, resolve_precision
+        from cifarlab.training.torch_learner import logits_in_batches
 
         dev = resolve_device(device)
         prec = resolve_precision(precision, dev)
@@ -96,10 +96,10 @@ def evaluate_run(
     evaluation as training's (``Learner.evaluate``: same test images, evaluation batches,
     test-time augmentation and precision as config.json records), so the accuracy equals the
     summary's. ``precision`` overrides the recorded one. Returns (evaluation, what was used)."""
-    from cifarlab.checkpoints import build_model, load
-    from cifarlab.recipes import RECIPES
-    from cifarlab.runs import RunDir
-    from cifarlab.train_command import saved_config
+    from cifarlab.training.checkpoints import build_model, load
+    from cifarlab.training.recipes import RECIPES
+    from cifarlab.training.runs import RunDir
+    from cifarlab.training.train_command import saved_config
 
     run = RunDir.open(run_dir)
     saved = run.read_config()
@@ -125,8 +125,8 @@ def evaluate_run(
 
         learner: Any = NumpyLearner(model, cfg, ckpt.preprocess)
     else:
-        from cifarlab.devices import resolve_device
-        from cifarlab.train import TorchLearner
+        from cifarlab.training.devices import resolve_device
+        from cifarlab.training.torch_learner import TorchLearner
 
         # a run recorded before precision was recorded computed in fp32 (as --resume assumes)
         cfg = dataclasses.replace(cfg, precision=precision or recorded or "fp32")

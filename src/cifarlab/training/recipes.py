@@ -13,7 +13,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any
 
-from cifarlab.config import (
+from cifarlab.errors import UsageError
+from cifarlab.training.config import (
     ACTIVATIONS,
     LAYERNORMS,
     NORMS,
@@ -21,8 +22,8 @@ from cifarlab.config import (
     TrainConfig,
     make_config,
     setting,
+    to_flags,
 )
-from cifarlab.errors import UsageError
 
 
 def _mlp_parameters(widths: list[int], norm: str = "none") -> int:
@@ -417,3 +418,20 @@ RECIPES: dict[str, Recipe] = {
         ),
     )
 }
+
+
+def resolve(model: str, preset: str | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """The validated config that ``cifarlab train MODEL --preset PRESET`` with the flags of
+    ``overrides`` runs with, without any command line: experiments, sweeps, ``reproduce`` and
+    the report all describe runs this way. Unknown names give a one-line UsageError."""
+    recipe = RECIPES.get(model)
+    if recipe is None:
+        raise UsageError(f"unknown model {model!r}; cifarlab train knows {', '.join(RECIPES)}")
+    if preset is not None and preset not in recipe.presets:
+        raise UsageError(f"{model} has no preset {preset!r}; its presets: {', '.join(recipe.presets)}")
+    return recipe.make_config(preset, **(overrides or {}))
+
+
+def command_line(model: str, preset: str | None = None, overrides: dict[str, Any] | None = None) -> list[str]:
+    """The ``cifarlab train`` arguments that :func:`resolve` describes (model first)."""
+    return [model, *(["--preset", preset] if preset else []), *to_flags(overrides or {})]

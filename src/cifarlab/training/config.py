@@ -1,7 +1,7 @@
 """Training settings as one dataclass, and the command-line flags made from it (nanoGPT style).
 
 ``TrainConfig`` holds every knob of the training loop, shared by the NumPy and the torch
-trainers; a model's config subclasses it to add the model's own fields (``cifarlab.recipes``).
+trainers; a model's config subclasses it to add the model's own fields (``cifarlab.training.recipes``).
 Field metadata carries the flag's help, its choices and its valid range, so one ``validate``
 checks every config. No torch import: ``cifarlab train mlp-numpy`` must never load torch.
 
@@ -74,7 +74,7 @@ def setting(
 @dataclass
 class TrainConfig:
     """Every setting of the training loop. Defaults are the seed's MLP protocol; a recipe's
-    presets (``cifarlab.recipes``) change them with ``dataclasses.replace``."""
+    presets (``cifarlab.training.recipes``) change them with ``dataclasses.replace``."""
 
     learning_rate: float = setting(1e-3, "peak learning rate", lo=0, lo_open=True)
     max_steps: int = setting(1400, "optimizer steps", lo=1, hi=10**9)
@@ -342,6 +342,25 @@ def add_config_args(parser: argparse.ArgumentParser, defaults: TrainConfig, pres
         group.add_argument(*flags, **kw)
 
 
+def to_flags(settings: dict[str, Any]) -> list[str]:
+    """The flags that give ``settings``: the inverse of :func:`add_config_args` and
+    :func:`given_flags` (``{"augment": True, "dnn_hidden_units": [500, 300]}`` ->
+    ``["--augment", "--dnn-hidden-units", "500,300"]``)."""
+    out = []
+    for name, value in settings.items():
+        if isinstance(value, bool):
+            out.append(flag(name) if value else "--no-" + flag(name)[2:])
+            continue
+        if isinstance(value, list):
+            text = ",".join(map(str, value))
+        elif isinstance(value, float):
+            text = repr(value).removesuffix(".0")  # 0.001, 1e+30, 3 (not 3.0)
+        else:
+            text = str(value)
+        out += [flag(name), text]
+    return out
+
+
 def given_flags(cls: type[TrainConfig], args: argparse.Namespace) -> dict[str, Any]:
     """The settings the user gave on the command line (flags left out are None)."""
     return {
@@ -353,7 +372,12 @@ def given_flags(cls: type[TrainConfig], args: argparse.Namespace) -> dict[str, A
 
 def make_config(cls: type[C], base: dict[str, Any], overrides: dict[str, Any]) -> C:
     """``cls()`` with a preset's values, then ``overrides``, applied by ``dataclasses.replace``;
-    validated."""
+    validated. An int given for a float setting becomes that float, as its flag would."""
+    hints = typing.get_type_hints(cls)
+    overrides = {
+        k: float(v) if _base_type(hints.get(k)) is float and type(v) is int else v
+        for k, v in overrides.items()
+    }
     try:
         cfg = dataclasses.replace(dataclasses.replace(cls(), **base), **overrides)
     except TypeError as e:  # an unknown field name

@@ -21,26 +21,34 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from cifarlab.config import (
+from cifarlab.errors import UsageError
+from cifarlab.files import atomic_write_bytes, check_writable_dir
+from cifarlab.training.config import (
     PRECISIONS,
-    ArgumentParser,
     add_data_args,
     add_device_arg,
     add_progress_arg,
     flag,
-    given_flags,
 )
-from cifarlab.errors import UsageError
-from cifarlab.files import atomic_write_bytes, check_writable_dir
-from cifarlab.recipes import RECIPES
-from cifarlab.runs import RunDir
+from cifarlab.training.recipes import RECIPES, command_line, resolve
+from cifarlab.training.runs import RunDir
 
 
-@dataclass
+@dataclass(frozen=True)
 class Job:
+    """One run of a sweep, as data: ``cifarlab train MODEL --preset PRESET`` with ``settings``."""
+
     name: str  # run directory name, unique in the sweep
-    argv: list[str]  # `cifarlab train ...` arguments (model first), without --out
+    model: str
+    settings: dict[str, Any]  # the settings the job gives (the preset's are the rest)
+    preset: str | None = None
+
+    @property
+    def argv(self) -> list[str]:
+        """The job's ``cifarlab train`` arguments (model first), without --out."""
+        return command_line(self.model, self.preset, self.settings)
 
 
 def add_sweep_args(p: argparse.ArgumentParser, name: str, seeds: int = 3) -> None:
@@ -80,7 +88,7 @@ def add_precision_arg(p: argparse.ArgumentParser) -> None:
 def torch_flags(job: Job, args: argparse.Namespace) -> list[str]:
     """``--precision`` of a sweep or of reproduce, for the torch jobs (the NumPy trainer has none)."""
     precision = getattr(args, "precision", None)
-    return ["--precision", precision] if precision and RECIPES[job.argv[0]].framework == "torch" else []
+    return ["--precision", precision] if precision and RECIPES[job.model].framework == "torch" else []
 
 
 def set_folders(args: argparse.Namespace, name: str) -> None:
@@ -105,28 +113,20 @@ def check_sweep_args(args: argparse.Namespace) -> None:
     check_writable_dir(Path(args.results), "--out")
 
 
-def job_settings(argv: list[str]) -> tuple[str, dict, set[str]]:
-    """The model, the exact settings ``cifarlab train *argv`` would run with (invalid flags
-    are refused here, before anything runs), and the names of the settings ``argv`` gives."""
-    from cifarlab import train_command
-    from cifarlab.recipes import RECIPES
-
-    recipe = RECIPES[argv[0]]
-    parser = ArgumentParser(prog=f"cifarlab train {argv[0]}")
-    train_command.add_arguments(parser, recipe)
-    args = parser.parse_args(argv[1:])
-    given = given_flags(recipe.config, args)
-    return recipe.name, dataclasses.asdict(recipe.make_config(args.preset, **given)), set(given)
-
-
 def _plan(job: Job, extra: list[str], out: Path) -> str:
     """What to do with a job: "new", "done" (reuse), "resume", or "restart" (a run killed
     before its first checkpoint). Refuses an --extra that
     changes what the sweep varies, and a directory that holds a run with other settings
     (it is never overwritten)."""
-    model, settings, _ = job_settings([*job.argv, *extra])
-    _, own, varied = job_settings(job.argv)
-    overridden = sorted(k for k in varied - {"max_steps"} if settings[k] != own[k])
+    from cifarlab.training.train_command import parse_overrides
+
+    preset, given = parse_overrides(job.model, extra)
+    model, preset = job.model, preset or job.preset
+    own = dataclasses.asdict(resolve(model, job.preset, job.settings))
+    settings = dataclasses.asdict(resolve(model, preset, {**job.settings, **given}))
+    if job.preset and preset != job.preset:
+        raise UsageError("--extra must not change --preset: the sweep sets it for each run")
+    overridden = sorted(k for k in set(given) & set(job.settings) - {"max_steps"} if settings[k] != own[k])
     if overridden:
         raise UsageError(f"--extra must not change {flag(overridden[0])}: the sweep sets it for each run")
     run = RunDir(out)
@@ -144,8 +144,8 @@ def _plan(job: Job, extra: list[str], out: Path) -> str:
         )
     if run.summary_path.is_file():
         return "done"
-    from cifarlab.checkpoints import STATE_FILE
-    from cifarlab.runlist import lock_holder
+    from cifarlab.study.runlist import lock_holder
+    from cifarlab.training.checkpoints import STATE_FILE
 
     holder = lock_holder(run)
     if holder is not None:
@@ -158,7 +158,7 @@ def _plan(job: Job, extra: list[str], out: Path) -> str:
 def same_settings(config: dict, settings: dict, ignore: frozenset[str] = frozenset()) -> bool:
     """Does a run's config.json hold ``settings`` (all but those in ``ignore``)? A setting
     that an older version did not record counts as its default (it had no other value then)."""
-    from cifarlab.recipes import RECIPES
+    from cifarlab.training.recipes import RECIPES
 
     saved = config.get("train")
     recipe = RECIPES.get(config.get("model", ""))
@@ -241,7 +241,7 @@ def run_all(
         if plan[job.name] == "restart":
             out.rename(out.with_name(f"{out.name}.unstarted-{time.strftime('%Y%m%d-%H%M%S')}"))
         where = ["--resume", str(out)] if plan[job.name] == "resume" else ["--out", str(out)]
-        if RECIPES[job.argv[0]].framework == "torch":  # device: where it runs, not what it computes
+        if RECIPES[job.model].framework == "torch":  # device: where it runs, not what it computes
             where += ["--device", args.device]
         argv = ["train", *job.argv, *torch_flags(job, args), *extra, *where]
         with open(root / f"{job.name}.log", "a") as log:  # a resumed job adds to its log
@@ -276,7 +276,7 @@ def _run_here(argv: list[str], log) -> tuple[int, str]:
     import io
 
     from cifarlab.errors import run_command
-    from cifarlab.train_command import run_argv
+    from cifarlab.training.train_command import run_argv
 
     err = io.StringIO()
     with contextlib.redirect_stdout(log), contextlib.redirect_stderr(err):

@@ -1,9 +1,9 @@
 """``cifarlab train MODEL``: its flags, and the policy of starting or resuming a run: flags ->
-validated config -> data -> learner -> run directory (locked) -> ``cifarlab.loop.fit``. Nothing
+validated config -> data -> learner -> run directory (locked) -> ``cifarlab.training.loop.fit``. Nothing
 is written before everything is validated; a resume checks the run, its checkpoint and what
 the flags may change first.
 
-Under torchrun (``cifarlab.distributed``) every rank runs all of this; rank 0 alone creates,
+Under torchrun (``cifarlab.training.distributed``) every rank runs all of this; rank 0 alone creates,
 writes and locks the run directory. No torch import here: ``cifarlab train mlp-numpy`` never
 loads it.
 """
@@ -20,8 +20,16 @@ from typing import Any
 
 import numpy as np
 
-from cifarlab import checkpoints
-from cifarlab.config import (
+from cifarlab.data import (
+    Preprocess,
+    dataset_fingerprint,
+    load_cifar10,
+    split_validation,
+)
+from cifarlab.errors import CheckpointError, CifarlabError, UsageError, reason
+from cifarlab.files import atomic_write_json
+from cifarlab.training import checkpoints
+from cifarlab.training.config import (
     BOOKKEEPING,
     TrainConfig,
     add_config_args,
@@ -32,18 +40,10 @@ from cifarlab.config import (
     given_flags,
     make_config,
 )
-from cifarlab.data import (
-    Preprocess,
-    dataset_fingerprint,
-    load_cifar10,
-    split_validation,
-)
-from cifarlab.distributed import Dist, broadcast_text
-from cifarlab.errors import CheckpointError, CifarlabError, UsageError, reason
-from cifarlab.files import atomic_write_json
-from cifarlab.loop import Data, Learner, fit, process_age, restore
-from cifarlab.recipes import Recipe
-from cifarlab.runs import (
+from cifarlab.training.distributed import Dist, broadcast_text
+from cifarlab.training.loop import Data, Learner, fit, process_age, restore
+from cifarlab.training.recipes import Recipe
+from cifarlab.training.runs import (
     RunDir,
     machine,
     print_result,
@@ -96,9 +96,24 @@ def make_learner(
         from cifarlab.numpy_nn.train import NumpyLearner
 
         return NumpyLearner.create(recipe.name, cfg, prep)
-    from cifarlab.train import TorchLearner
+    from cifarlab.training.torch_learner import TorchLearner
 
     return TorchLearner.create(recipe.name, cfg, prep, device, dist, x_train)
+
+
+def prepare(
+    recipe: Recipe, cfg: TrainConfig, args: argparse.Namespace, dist: Dist, init_from_data: bool
+) -> tuple[Data, tuple[np.ndarray, np.ndarray] | None, Preprocess, Learner, dict[str, Any]]:
+    """What a run trains on and with, the same for a new and a resumed run: the training data
+    and its validation split, the preprocessing fitted on the training images only, the
+    learner, and the metadata its checkpoints carry. ``init_from_data``: a new run's model
+    may set itself up from the training images; a resumed one's weights come from its
+    checkpoint."""
+    data, val = split_data(load_cifar10(args.data_dir, verify=args.verify), cfg)
+    prep = Preprocess.fit(cfg.preprocess, data[0])
+    device = getattr(args, "device", "cpu")
+    learner = make_learner(recipe, cfg, prep, device, dist, x_train=data[0] if init_from_data else None)
+    return data, val, prep, learner, {"model": recipe.name, "model_kwargs": cfg.model_kwargs()}
 
 
 def split_data(data: Data, cfg: TrainConfig) -> tuple[Data, tuple[np.ndarray, np.ndarray] | None]:
@@ -189,23 +204,41 @@ def _open_on_main(dist: Dist, open_run: Callable[[], RunDir]) -> RunDir:
 
 def _shutdown(dist: Dist) -> None:
     if dist.active:
-        from cifarlab import distributed
+        from cifarlab.training import distributed
 
         distributed.shutdown()
+
+
+def parser(model: str) -> argparse.ArgumentParser:
+    """The parser of ``cifarlab train MODEL`` (an unknown MODEL: one-line UsageError)."""
+    from cifarlab.training.config import ArgumentParser
+    from cifarlab.training.recipes import RECIPES
+
+    if model not in RECIPES:
+        raise UsageError(f"unknown train target {model!r}; choose one of: {', '.join(RECIPES)}")
+    recipe = RECIPES[model]
+    p = ArgumentParser(prog=f"cifarlab train {recipe.name}", description=recipe.description)
+    add_arguments(p, recipe)
+    return p
 
 
 def run_argv(argv: list[str]) -> int:
     """``cifarlab train MODEL [flags]``: MODEL's own parser, then :func:`main` (what the CLI and
     an in-process sweep run both call)."""
-    from cifarlab.config import ArgumentParser
-    from cifarlab.recipes import RECIPES
+    from cifarlab.training.recipes import RECIPES
 
-    if not argv or argv[0] not in RECIPES:
-        raise UsageError(f"unknown train target {argv[:1]}; choose one of: {', '.join(RECIPES)}")
-    recipe = RECIPES[argv[0]]
-    p = ArgumentParser(prog=f"cifarlab train {recipe.name}", description=recipe.description)
-    add_arguments(p, recipe)
-    return main(recipe, p.parse_args(argv[1:]))
+    if not argv:
+        raise UsageError(f"give a train target; choose one of: {', '.join(RECIPES)}")
+    return main(RECIPES[argv[0]], parser(argv[0]).parse_args(argv[1:]))
+
+
+def parse_overrides(model: str, flags: list[str]) -> tuple[str | None, dict[str, Any]]:
+    """``cifarlab train MODEL *flags`` read as (its --preset, the settings its flags give): for
+    flags a user typed (a sweep's ``--extra``). Bad flags are refused, as ``train`` would."""
+    from cifarlab.training.recipes import RECIPES
+
+    args = parser(model).parse_args(flags)
+    return args.preset, given_flags(RECIPES[model].config, args)
 
 
 def main(recipe: Recipe, args: argparse.Namespace) -> int:
@@ -245,10 +278,7 @@ def _start(recipe: Recipe, args: argparse.Namespace, dist: Dist) -> int:
     check_job(recipe, cfg, dist)
     if args.out is not None and dist.is_main:  # refuse a bad --out before the (slow) data and model
         RunDir.check_new(args.out)
-    data, val = split_data(load_cifar10(args.data_dir, verify=args.verify), cfg)
-    prep = Preprocess.fit(cfg.preprocess, data[0])  # on the training images only
-    learner = make_learner(recipe, cfg, prep, getattr(args, "device", "cpu"), dist, x_train=data[0])
-    meta = {"model": recipe.name, "model_kwargs": cfg.model_kwargs()}
+    data, val, prep, learner, meta = prepare(recipe, cfg, args, dist, init_from_data=True)
 
     def create() -> RunDir:
         run = RunDir.create(recipe.name, out=args.out)
@@ -306,16 +336,12 @@ def _resume(recipe: Recipe, args: argparse.Namespace, dist: Dist) -> int:
         check_job(recipe, cfg, dist)
         if dist.is_main:
             checkpoints.recover(run.checkpoint_dir)
-        data, val = split_data(load_cifar10(args.data_dir, verify=args.verify), cfg)
-        prep = Preprocess.fit(cfg.preprocess, data[0])
-        learner = make_learner(
-            recipe, cfg, prep, getattr(args, "device", "cpu"), dist
-        )  # under torchrun: after rank 0's recover
+        # the weights come from the checkpoint (under torchrun: after rank 0's recover)
+        data, val, prep, learner, meta = prepare(recipe, cfg, args, dist, init_from_data=False)
         if not (run.checkpoint_dir / checkpoints.STATE_FILE).is_file():
             raise CheckpointError(
                 f"{run.path} has no checkpoint to resume (it stopped before its first evaluation); start a new run"
             )
-        meta = {"model": recipe.name, "model_kwargs": cfg.model_kwargs()}
         saved = run.read_config()
         now = learner.runtime()
         was = saved.get("distributed") or {

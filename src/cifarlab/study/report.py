@@ -1,6 +1,6 @@
 """``cifarlab report``: the seed's report, regenerated from run directories.
 
-The report is built from the study's catalogue (``cifarlab.experiments``) and the run
+The report is built from the study's catalogue (``cifarlab.study.experiments``) and the run
 directories found under the paths given. Each experiment's runs are found by their settings,
 and each number is computed from their summary.json and metrics.jsonl. Every number links to
 its run directories and shows the command that makes them. A missing experiment is listed as
@@ -27,11 +27,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cifarlab import runlist
-from cifarlab.config import FIRST_SEED
 from cifarlab.errors import UsageError, reason
-from cifarlab.runlist import Run
-from cifarlab.runs import CURVES_FILE
+from cifarlab.study import runlist
+from cifarlab.study.runlist import Run
+from cifarlab.training.config import FIRST_SEED
+from cifarlab.training.runs import CURVES_FILE
 
 DEFAULT_PATHS = ("runs", "results")
 
@@ -289,7 +289,7 @@ def _command(exp, budget: str, runs: list) -> str:
 
 
 def _mean_std(values: list[float]) -> str:
-    from cifarlab.sweeps.common import mean_std
+    from cifarlab.study.sweeps.common import mean_std
 
     return f"{mean_std(values)} ({len(values)} run{'s' if len(values) > 1 else ''})"
 
@@ -302,7 +302,7 @@ class Report:
     ) -> None:
         """``out``: where the report will be (links are relative to it); ``build_dir``: where
         its figures are written meanwhile (default: ``out``)."""
-        from cifarlab.experiments import catalogue
+        from cifarlab.study.experiments import catalogue
 
         self.found, self.out, self.failed = found, out, failed or {}
         self.figures = (build_dir or out) / "figures"
@@ -334,7 +334,7 @@ class Report:
     def _match(self, exp, claimed: set[Path]) -> tuple[str | None, list[Run]]:
         """The runs of ``exp`` not claimed by an earlier experiment: a run belongs to one
         experiment only (two experiments whose quick commands coincide do not share runs)."""
-        from cifarlab.experiments import expected_settings, matches
+        from cifarlab.study.experiments import expected_settings, matches
 
         for budget in ("full", "quick"):
             model, settings = expected_settings(exp, budget)
@@ -409,7 +409,7 @@ class Report:
             self.add("img", caption, [[md_url(f"figures/{dst.name}")]])
 
     def section(self, key: str) -> list:
-        from cifarlab.experiments import SECTIONS
+        from cifarlab.study.experiments import SECTIONS
 
         self.add("h2", SECTIONS[key])
         return [e for e in self.experiments if e.section == key]
@@ -420,12 +420,10 @@ class Report:
         self.add("p", "Every number below is computed from the run directories it links to, and the command beside "
                       "it makes them again. A missing experiment is listed with its command, never filled in. Times "
                       "belong to the machine named next to them: compare times only between runs on one machine.")  # fmt: skip
-        self.part1()
-        self.part2()
-        self.part3()
-        self.part4()
-        self.part4b()
-        self.beyond()
+        from cifarlab.study.experiments import SECTIONS
+
+        for key in SECTIONS:  # the catalogue's sections, in its order; a new one gets a plain table
+            getattr(self, key, lambda key=key: self.plain_section(key))()
         self.problems()
         if "quick" in self.budgets_seen:
             self.blocks.insert(2, Block("note", "Some experiments ran with the **quick budget**: a few steps each, "
@@ -533,6 +531,10 @@ class Report:
                       "weight decay, label smoothing.")  # fmt: skip
         self.add("table", rows=self.results_table(exps, with_seed=False))
 
+    def plain_section(self, key: str) -> None:
+        """A section the report has no words of its own for: its experiments' table."""
+        self.add("table", rows=self.results_table(self.section(key)))
+
     def problems(self) -> None:
         if not (self.found.damaged or self.found.unfinished):
             return
@@ -551,7 +553,7 @@ def gradient_check_rows() -> list[list[str]]:
     """torch.autograd.gradcheck of the hand-written LayerNorm backward, in float64."""
     import torch
 
-    from cifarlab.layernorm import LayerNormFunction
+    from cifarlab.ops.layernorm import LayerNormFunction
 
     torch.manual_seed(0)
     x = torch.randn(8, 16, dtype=torch.float64, requires_grad=True)

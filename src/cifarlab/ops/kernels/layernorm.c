@@ -1,4 +1,4 @@
-/* Fused LayerNorm forward and backward over the last dimension, for cifarlab.layernorm.
+/* Fused LayerNorm forward and backward over the last dimension, for cifarlab.ops.layernorm.
  *
  * The same formulas as LayerNormFunction's eager path (docs/derivations.md, "LayerNorm"),
  * one row at a time so that each row is read from cache instead of memory:

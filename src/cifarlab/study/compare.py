@@ -17,8 +17,8 @@ from typing import Any
 
 from cifarlab.errors import CheckpointError, UsageError
 from cifarlab.files import atomic_write_bytes
-from cifarlab.runlist import NONE, PARTIAL, Run, accuracy, duration, is_number, read_run, table
-from cifarlab.runs import RunDir
+from cifarlab.study.runlist import NONE, PARTIAL, Run, accuracy, duration, is_number, read_run, table
+from cifarlab.training.runs import RunDir
 
 AXIS_LABELS = {
     "test_acc": "test accuracy",

@@ -11,9 +11,9 @@ from __future__ import annotations
 import argparse
 import statistics
 
-from cifarlab.config import FIRST_SEED
-from cifarlab.recipes import RECIPES
-from cifarlab.sweeps import common
+from cifarlab.study.sweeps import common
+from cifarlab.training.config import FIRST_SEED
+from cifarlab.training.recipes import RECIPES
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -26,7 +26,7 @@ def main(args: argparse.Namespace) -> int:
     name = args.name or f"{args.model}-seeds"
     common.set_folders(args, name)
     seeds = [FIRST_SEED + s for s in range(args.seeds)]
-    runs = common.run_jobs([common.Job(f"seed{s}", [args.model, "--seed", str(s)]) for s in seeds], args)
+    runs = common.run_jobs([common.Job(f"seed{s}", args.model, {"seed": s}) for s in seeds], args)
     sums = {s: runs[f"seed{s}"].read_summary() for s in seeds}
     cmd = f"cifarlab sweep seeds {args.model} --seeds {args.seeds}"
     cmd += (f" --max-steps {args.max_steps}" if args.max_steps else "") + (

@@ -1,4 +1,4 @@
-"""The torch side of the one training loop (``cifarlab.loop.fit``): ``TorchLearner``.
+"""The torch side of the one training loop (``cifarlab.training.loop.fit``): ``TorchLearner``.
 
 Every torch model of ``create_model`` trains through it, on any ``--device``, in any
 ``--precision``, in one process or as one rank of a torchrun job. The uint8 dataset is moved
@@ -7,7 +7,7 @@ to the device once (``put``); each step gathers its batch there from a few index
 ``forward -> cross-entropy -> backward -> (clip) -> optimizer step`` with the running loss and
 accuracy kept as device tensors, so the step loop never waits for a host sync. ``evaluate``
 runs the whole test set in large no-grad batches, split between the ranks of a job. Weights
-and optimizer state leave as float32 NumPy arrays for ``cifarlab.checkpoints``.
+and optimizer state leave as float32 NumPy arrays for ``cifarlab.training.checkpoints``.
 """
 
 from __future__ import annotations
@@ -18,11 +18,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cifarlab import distributed, sync_batchnorm
-from cifarlab.config import TrainConfig
 from cifarlab.data import Batch, Preprocess, confusion_matrix
-from cifarlab.devices import autocast, describe, resolve_device, resolve_precision
-from cifarlab.distributed import Dist
+from cifarlab.ops import sync_batchnorm
+from cifarlab.training import distributed
+from cifarlab.training.config import TrainConfig
+from cifarlab.training.devices import autocast, describe, resolve_device, resolve_precision
+from cifarlab.training.distributed import Dist
 
 
 def make_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -104,8 +105,8 @@ class DeviceData:
 
 
 class TorchLearner:
-    """A torch model and its optimizer on one device, driven by ``cifarlab.loop.fit``; under
-    torchrun, one rank of a data-parallel job (``cifarlab.distributed``)."""
+    """A torch model and its optimizer on one device, driven by ``cifarlab.training.loop.fit``; under
+    torchrun, one rank of a data-parallel job (``cifarlab.training.distributed``)."""
 
     libraries = ("numpy", "torch")
 
@@ -344,7 +345,7 @@ class TorchLearner:
             "backend": self.backend,
             "sync_bn": bool(self.cfg.sync_bn and self.dist.active),
         }
-        from cifarlab.layernorm import LayerNormManual, active_backend
+        from cifarlab.ops.layernorm import LayerNormManual, active_backend
 
         if any(isinstance(m, LayerNormManual) for m in self.model.modules()):
             out["layernorm_backend"] = active_backend()  # the C kernel or eager ops (CIFARLAB_LAYERNORM)

@@ -27,7 +27,7 @@ import numpy as np
 from cifarlab.choices import PREPROCESSINGS
 from cifarlab.data import Preprocess
 from cifarlab.errors import CheckpointError, reason
-from cifarlab.runs import CHECKPOINT_DIR, NEW_SUFFIX, OLD_SUFFIX
+from cifarlab.training.runs import CHECKPOINT_DIR, NEW_SUFFIX, OLD_SUFFIX
 
 FORMAT_VERSION = 1
 MODEL_FILE, STATE_FILE = "model.safetensors", "state.safetensors"

@@ -1,6 +1,6 @@
 """The one training loop, for the NumPy and the torch trainers alike.
 
-A *learner* (``cifarlab.train.TorchLearner``, ``cifarlab.numpy_nn.train.NumpyLearner``)
+A *learner* (``cifarlab.training.torch_learner.TorchLearner``, ``cifarlab.numpy_nn.train.NumpyLearner``)
 owns a model and its optimizer in one framework and knows how to take one step, evaluate,
 and give/take its weights and optimizer state as NumPy arrays. Everything else lives here,
 read top to bottom:
@@ -16,9 +16,9 @@ read top to bottom:
   accuracy and confusion matrix;
 * ``restore``: a run's last checkpoint back into a learner, checked against the run.
 
-``cifarlab train MODEL`` itself (flags, starting or resuming a run) is ``cifarlab.train_command``.
+``cifarlab train MODEL`` itself (flags, starting or resuming a run) is ``cifarlab.training.train_command``.
 
-Under torchrun (``cifarlab.distributed``) every rank runs all of this; rank 0 alone creates,
+Under torchrun (``cifarlab.training.distributed``) every rank runs all of this; rank 0 alone creates,
 writes and locks the run directory, and the ranks agree on when to stop.
 
 No torch import here: ``cifarlab train mlp-numpy`` never loads it.
@@ -40,25 +40,25 @@ from typing import Any, NoReturn, Protocol
 
 import numpy as np
 
-from cifarlab import checkpoints
-from cifarlab.config import (
-    TrainConfig,
-)
 from cifarlab.data import (
     CLASSES,
     Batch,
     Batches,
     Preprocess,
 )
-from cifarlab.distributed import Dist, any_rank
 from cifarlab.errors import CheckpointError, TrainingDiverged, reason
 from cifarlab.files import atomic_write_json
-from cifarlab.runs import (
+from cifarlab.schedules import lookahead_decay, lr_at
+from cifarlab.training import checkpoints
+from cifarlab.training.config import (
+    TrainConfig,
+)
+from cifarlab.training.distributed import Dist, any_rank
+from cifarlab.training.runs import (
     RunDir,
     TensorBoardLog,
     evaluations,
 )
-from cifarlab.schedules import lookahead_decay, lr_at
 
 _IMPORTED = time.perf_counter()
 Data = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
@@ -418,7 +418,7 @@ def time_to_accuracy(tests: list[dict[str, Any]], setup_seconds: float) -> dict[
 
 
 def process_age() -> float:
-    """Seconds since this process started (Linux: from /proc; elsewhere since cifarlab.loop
+    """Seconds since this process started (Linux: from /proc; elsewhere since cifarlab.training.loop
     was imported, which is before the data and torch are loaded)."""
     try:
         fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()

@@ -18,15 +18,15 @@ from typing import Any
 
 import torch
 
-from cifarlab.config import DEVICE_PATTERN
-from cifarlab.distributed import Dist
 from cifarlab.errors import UsageError
+from cifarlab.training.config import DEVICE_PATTERN
+from cifarlab.training.distributed import Dist
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def cpu_has_native_bf16() -> bool:
-    from cifarlab.runs import machine
+    from cifarlab.training.runs import machine
 
     isa = machine().get("isa", {})
     return bool(isa.get("avx512_bf16") or isa.get("amx"))

@@ -7,7 +7,7 @@ runs/<model>-<YYYYmmdd-HHMMSS>/    (or --out DIR)
   summary.json    test_accuracy (final), best_test_accuracy, steps, wall_seconds, ...,
                   per_class_accuracy and confusion (rows: true class) of the final evaluation
   curves.png      loss and accuracy vs step, train and test
-  checkpoint/     weights (safetensors) + trainer state (cifarlab.checkpoints)
+  checkpoint/     weights (safetensors) + trainer state (cifarlab.training.checkpoints)
   tensorboard/    the records as TensorBoard event files (with --tensorboard)
   diverged.json   {"step", "message"} when the loss became NaN/inf (until the run is resumed)
   .lock           the pid of the one process writing it (train / --resume), while it runs

@@ -1,0 +1,1 @@
+"""The study: experiments as data, sweeps, reproduce, the report, the runs table, compare, eval/predict."""
