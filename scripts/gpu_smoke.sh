@@ -45,9 +45,10 @@ check() {  # name, then a command; its last output line is shown
 acc() { "$PY" -c "import json,sys; s=json.load(open(sys.argv[1]+'/summary.json')); print('test_accuracy', s['test_accuracy'], 'resumed', s.get('resumed'))" "$1"; }
 train() { "$PY" -m cifarlab train "$@" "${COMMON[@]}"; }
 
-check mlp-bf16 train mlp --max-steps 60 --eval-freq 30 --batch-size 100 --precision bf16 --out "$OUT/mlp-bf16"
+check mlp-bf16 train mlp --preset best --max-steps 60 --eval-freq 30 --batch-size 100 --precision bf16 --out "$OUT/mlp-bf16"
 check mlp-bf16-learns "$PY" -c "import json,sys; a=json.load(open('$OUT/mlp-bf16/summary.json'))['test_accuracy']; print('test_accuracy', a); sys.exit(a < 0.3)"
-check mlp-numpy train mlp-numpy --max-steps 60 --eval-freq 30 --out "$OUT/mlp-numpy"
+check mlp-numpy "$PY" -m cifarlab train mlp-numpy --max-steps 60 --eval-freq 30 --data-dir "$D" --no-verify \
+  --no-progress --out "$OUT/mlp-numpy"
 check convnet-fp32-30 train convnet --preset seed --max-steps 30 --eval-freq 15 --precision fp32 --out "$OUT/convnet"
 check convnet-resume-60 train convnet --resume "$OUT/convnet" --max-steps 60
 check convnet-resumed acc "$OUT/convnet"
