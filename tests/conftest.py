@@ -52,12 +52,16 @@ def write_py(folder: Path, arrays: dict) -> dict[str, str]:
 
 @pytest.fixture(autouse=True)
 def cpu_without_native_bf16(monkeypatch):
-    """No test inherits what ``--precision auto`` means on the machine running it: auto is fp32
-    here (as on an AVX2-only CPU). Tests of low precision ask for it with --precision, and tests
-    of auto itself patch this probe to the answer they need (both answers are covered)."""
+    """No test inherits what ``--device auto`` and ``--precision auto`` mean on the machine
+    running it: auto is the CPU (also in the processes a test starts: no CUDA device is
+    visible to them), and fp32 there (as on an AVX2-only CPU). Tests of low precision ask for
+    it with --precision, and tests of auto itself patch the probe to the answer they need
+    (both answers are covered). scripts/gpu_smoke.sh checks the GPU paths."""
     from cifarlab.training import devices
 
     monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(devices, "auto_device", lambda: "cpu")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
 
 
 @pytest.fixture

@@ -195,14 +195,16 @@ def test_torchrun_two_processes_equal_one(synthetic, tmp_path):
     assert [r["step"] for r in m] == [3, 6]
     assert s2["confusion"] == s1["confusion"] and s2["per_class_accuracy"] == s1["per_class_accuracy"]
 
-    # sharded evaluation: exactly what one process computes on the same weights
+    # sharded evaluation: what one process computes on the same weights (the counts exactly;
+    # the mean loss to rounding, since the shards' sums add up in another order: on a 16-core
+    # Intel Xeon the two differed in the 8th digit)
     ckpt = checkpoints.load(two)
     d = load_cifar10(synthetic[0])
     cfg_obj = RECIPES["mlp"].make_config(None, **cfg["train"])
     learner = TorchLearner.create("mlp", cfg_obj, ckpt.preprocess, "cpu")
     learner.model.load_state_dict({k: torch.from_numpy(v) for k, v in ckpt.weights.items()})
     ev = learner.evaluate(learner.put(d[2], d[3]))
-    assert (ev["loss"], ev["acc"]) == (m[-1]["test_loss"], m[-1]["test_acc"])
+    assert ev["acc"] == m[-1]["test_acc"] and ev["loss"] == pytest.approx(m[-1]["test_loss"], rel=1e-6)
     assert ev["confusion"].tolist() == s2["confusion"]
 
 

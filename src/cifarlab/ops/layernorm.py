@@ -347,6 +347,14 @@ class LayerNormFunction(torch.autograd.Function):
     ``RuntimeError``. Double backward is not implemented.
     """
 
+    @classmethod
+    def apply(
+        cls, x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, eps: float = 1e-5
+    ) -> torch.Tensor:
+        # eps by keyword on every torch: Function.apply itself takes keywords only in recent
+        # torch (2.13 does, 2.11 did not: pytorch/pytorch#16940), where it was a TypeError
+        return super().apply(x, gamma, beta, eps)
+
     @staticmethod
     def forward(
         ctx,

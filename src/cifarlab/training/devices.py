@@ -37,13 +37,18 @@ def _mps_available() -> bool:
     return bool(mps and mps.is_available())
 
 
+def auto_device() -> str:
+    """What ``--device auto`` picks on this machine: CUDA, else Apple's MPS, else the CPU."""
+    return "cuda" if torch.cuda.is_available() else "mps" if _mps_available() else "cpu"
+
+
 def resolve_device(name: str = "auto", dist: Dist | None = None) -> torch.device:
     """The torch.device ``--device name`` means here; a device that is not there is a UsageError."""
     dist = dist or Dist()
     if not DEVICE_PATTERN.fullmatch(name):
         raise UsageError(f"--device must be auto, cpu, cuda, cuda:N or mps; got {name!r}")
     if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if _mps_available() else "cpu"
+        name = auto_device()
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
             build = (
