@@ -22,13 +22,6 @@ from cifarlab.training.runs import RunDir
 
 # rough images/s of this project's 2-core development CPU (AVX2), per model: training, evaluation;
 # only for the ETA, which is rescaled by the speed the finished runs actually had
-SPEED = {
-    "mlp-numpy": (2500, 20000),
-    "mlp": (2000, 8000),
-    "convnet": (40, 150),
-    "efficientnet_lite0": (250, 700),  # at 64 px; scaled by (64 / image size)²
-    "fast": (115, 65),  # evaluation: 6 test-time views per image
-}
 START_SECONDS = 4.0  # a process start: Python, torch, the data
 
 
@@ -48,10 +41,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def estimate_seconds(settings: dict, model: str) -> float:
-    """A run's expected wall time on the reference CPU, from its steps and evaluations."""
-    train_ips, eval_ips = SPEED.get(model, (500, 2000))
-    if model.startswith("efficientnet"):
-        scale = (64 / settings.get("image_size", 64)) ** 2
+    """A run's expected wall time on the reference CPU, from its steps and evaluations and its
+    recipe's rough speeds (``Recipe.speed``)."""
+    from cifarlab.training.recipes import RECIPES
+
+    train_ips, eval_ips = RECIPES[model].speed
+    if "image_size" in settings:  # the speeds are at 64 px
+        scale = (64 / settings["image_size"]) ** 2
         train_ips, eval_ips = train_ips * scale, eval_ips * scale
     steps = settings["max_steps"]
     evals = -(-steps // settings["eval_freq"])

@@ -341,6 +341,9 @@ class Recipe:
     presets: dict[str, dict[str, Any]]  # the first is the default
     description: str
     framework: str = "torch"  # "numpy": trained by cifarlab.numpy_nn.train, never imports torch
+    # rough training and evaluation images/s on a 2-core AVX2 CPU (at 64 px for the transfer
+    # models), for `cifarlab reproduce`'s time estimate only
+    speed: tuple[float, float] = (500, 2000)
 
     def defaults(self, preset: str | None = None) -> TrainConfig:
         """The config of ``preset`` (default: the first) before any flag."""
@@ -360,18 +363,21 @@ RECIPES: dict[str, Recipe] = {
             {"seed": {}, "best": MLP_NUMPY_BEST},
             "MLP in pure NumPy with hand-written backprop",
             framework="numpy",
+            speed=(2500, 20000),
         ),
         Recipe(
             "mlp",
             MLPConfig,
             {"seed": {}, "best": MLP_BEST},
             "PyTorch MLP (ELU/Tanh/ReLU/GELU, BatchNorm/LayerNorm, dropout)",
+            speed=(2000, 8000),
         ),
         Recipe(
             "convnet",
             TrainConfig,
             {"seed": CONVNET_SEED, "best": CONVNET_BEST},
             "the spec's VGG13-like pre-activation ConvNet",
+            speed=(40, 150),
         ),
         Recipe(
             "efficientnet_lite0",
@@ -391,6 +397,7 @@ RECIPES: dict[str, Recipe] = {
                 "scratch": {**TRANSFER_FINETUNE, "pretrained": False},
             },
             "transfer learning from ImageNet (EfficientNet-Lite0)",
+            speed=(250, 700),
         ),
         *(
             Recipe(
@@ -405,7 +412,11 @@ RECIPES: dict[str, Recipe] = {
             for v in ("lite1", "lite2")
         ),
         Recipe(
-            "fast", FastConfig, {"default": FAST}, "94 % in as little arithmetic as possible (airbench-style)"
+            "fast",
+            FastConfig,
+            {"default": FAST},
+            "94 % in as little arithmetic as possible (airbench-style)",
+            speed=(115, 65),  # evaluation: 6 test-time views per image
         ),
         *(
             Recipe(
