@@ -281,7 +281,7 @@ def test_a_failing_report_leaves_the_previous_one_whole(tmp_path, synthetic, mon
 
 
 def _fake_run(path: Path, device: str, cpu: str, acc: float, wall: float, seed: int, precision: str):
-    from cifarlab.study.runlist import Run
+    from cifarlab.training.runs import Run
 
     config = {"model": "mlp", "train": {"seed": seed}, "distributed": {"device": device, "precision": precision},
               "machine": {"cpu": cpu, "cores": 2, "threads": 2, "isa": {"avx2": True}}}  # fmt: skip
@@ -413,3 +413,18 @@ def test_a_new_section_of_the_catalogue_appears_in_the_report(tmp_path, monkeypa
     text = report.to_markdown(report.Report(report.Found(), tmp_path / "out").build())
     assert "## Probes: one more section" in text and "MLP, wide probe" in text
     assert text.index("## Probes") > text.index("Beyond the seed")
+
+
+def test_every_results_path_the_docs_cite_exists():
+    """A path under results/ named in README, CONTRIBUTING or docs/ (links and backticks alike)
+    is in the repository (CI checks a clean clone, so: in git). Patterns such as
+    `results/<name>/` or `results/efficientnet-*/` are not paths and are skipped."""
+    cited = re.compile(r"(?<![\w/])(?:\.\./)*(results/[A-Za-z0-9_.\-/]*)([<*{]?)")
+    docs = [REPO / "README.md", REPO / "CONTRIBUTING.md", *sorted((REPO / "docs").rglob("*.md"))]
+    missing = [
+        f"{doc.relative_to(REPO)}: {path}"
+        for doc in docs
+        for m in cited.finditer(doc.read_text())
+        if not m.group(2) and not (REPO / (path := m.group(1).rstrip("."))).exists()
+    ]
+    assert not missing, "\n".join(missing)

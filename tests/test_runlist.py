@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 import cifarlab
 from cifarlab.cli import main
-from cifarlab.study.runlist import read_run
+from cifarlab.training.runs import read_run
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -17,8 +17,8 @@ from typing import Any
 
 from cifarlab.errors import CheckpointError, UsageError
 from cifarlab.files import atomic_write_bytes
-from cifarlab.study.runlist import NONE, PARTIAL, Run, accuracy, duration, is_number, read_run, table
-from cifarlab.training.runs import RunDir
+from cifarlab.study.runlist import NONE, PARTIAL, accuracy, duration, table
+from cifarlab.training.runs import Run, RunDir, is_number, read_run
 
 AXIS_LABELS = {
     "test_acc": "test accuracy",

@@ -29,9 +29,8 @@ from typing import Any
 
 from cifarlab.errors import UsageError, reason
 from cifarlab.study import runlist
-from cifarlab.study.runlist import Run
 from cifarlab.training.config import FIRST_SEED
-from cifarlab.training.runs import CURVES_FILE
+from cifarlab.training.runs import CURVES_FILE, Run, read_run
 
 DEFAULT_PATHS = ("runs", "results")
 
@@ -76,7 +75,7 @@ def find_runs(paths: list[Path]) -> Found:
             if path.resolve() in seen:
                 continue
             seen.add(path.resolve())
-            run = runlist.read_run(path)
+            run = read_run(path)
             if run.problem is not None:
                 found.damaged.append((path, run.problem))
             elif run.summary is None:

@@ -13,14 +13,13 @@ import json
 import os
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from cifarlab.errors import CheckpointError, CifarlabError, UsageError, json_safe
-from cifarlab.files import parse_json, read_bytes
-from cifarlab.training.runs import CHECKPOINT_DIRS, CONFIG_FILE, RunDir
+from cifarlab.errors import UsageError, json_safe
+from cifarlab.training.runs import CHECKPOINT_DIRS, CONFIG_FILE, read_run, status
 
 STATUSES = ("finished", "running", "diverged", "interrupted", "damaged")
 NOT_RUNS = CHECKPOINT_DIRS  # a run's own folders, never searched
@@ -42,153 +41,6 @@ def main(args: argparse.Namespace) -> int:
     else:
         print(render(rows))
     return 0
-
-
-# -- reading one run directory ---------------------------------------------------------------
-class Damaged(Exception):
-    """A run directory file that cannot be read; the message is the short reason for its row."""
-
-
-@dataclass
-class Run:
-    """What a run directory holds, read once. A damaged one has ``problem`` set and holds
-    whatever could be read before the damage."""
-
-    path: Path
-    config: dict[str, Any] = field(default_factory=dict)
-    metrics: list[dict[str, Any]] = field(default_factory=list)
-    summary: dict[str, Any] | None = None
-    diverged: dict[str, Any] | None = None
-    problem: str | None = None
-
-    @property
-    def evaluations(self) -> list[dict[str, Any]]:
-        """The records with a test accuracy (the others hold only a training loss)."""
-        return [m for m in self.metrics if is_number(m.get("test_acc"))]
-
-    def final_accuracy(self) -> tuple[float | None, bool]:
-        """(test accuracy, partial): the summary's, else the last evaluation's (partial)."""
-        if self.summary is not None:
-            return self.summary["test_accuracy"], False
-        evaluations = self.evaluations
-        return (evaluations[-1]["test_acc"], True) if evaluations else (None, False)
-
-    def wall_seconds(self) -> float | None:
-        """The summary's wall time, else the time of the last record (how long it ran so far)."""
-        if self.summary is not None and is_number(self.summary.get("wall_seconds")):
-            return self.summary["wall_seconds"]
-        seconds = self.metrics[-1].get("seconds") if self.metrics else None
-        return seconds if is_number(seconds) else None
-
-
-def read_run(path: Path) -> Run:
-    """Read config.json, metrics.jsonl, summary.json and diverged.json of ``path``; a file
-    that cannot be read sets ``problem`` instead of raising."""
-    run = Run(path)
-    rundir = RunDir(path)
-    try:
-        run.config = _read_config(rundir.config_path)
-        run.metrics = _read_metrics(rundir)
-        run.summary = _read_optional(rundir.summary_path, _check_summary)
-        run.diverged = _read_optional(rundir.diverged_path, _check_diverged)  # {step, message}
-    except Damaged as e:
-        run.problem = str(e)
-    return run
-
-
-def _read_config(path: Path) -> dict[str, Any]:
-    config = _read_json(path)
-    if not isinstance(config, dict) or not isinstance(config.get("train"), dict):
-        raise Damaged(f"{path.name} has no train settings")
-    return config
-
-
-def _read_metrics(rundir: RunDir) -> list[dict[str, Any]]:
-    try:
-        return rundir.read_metrics()
-    except CheckpointError as e:  # "<run>/metrics.jsonl:7: damaged (...)": the row names the run
-        raise Damaged(str(e).removeprefix(f"{rundir.path}{os.sep}")) from None
-    except (OSError, ValueError) as e:
-        raise Damaged(f"{rundir.metrics_path.name} is unreadable ({_why(e)})") from None
-
-
-def _read_optional(path: Path, check: Callable[[Path, Any], None]) -> dict[str, Any] | None:
-    """The JSON object in ``path`` if the file exists, after ``check`` (which raises Damaged)."""
-    if not path.exists():
-        return None
-    obj = _read_json(path)
-    check(path, obj)
-    return obj
-
-
-def _check_summary(path: Path, summary: Any) -> None:
-    if not isinstance(summary, dict) or not is_number(summary.get("test_accuracy")):
-        raise Damaged(f"{path.name} has no test_accuracy")
-
-
-def _check_diverged(path: Path, diverged: Any) -> None:
-    if not isinstance(diverged, dict) or not isinstance(diverged.get("step"), int):
-        raise Damaged(f"{path.name} has no step")
-
-
-def _read_json(path: Path) -> Any:
-    """A file of the run through the one hardened reader (cifarlab.files.read_bytes/parse_json)."""
-    try:
-        return parse_json(read_bytes(path), path.name)
-    except CifarlabError as e:
-        why = str(e).split(": damaged, ", 1)[-1]
-        raise Damaged(f"{path.name} is {why}" if why.startswith("not ") else f"{path.name}: {why}") from None
-    except OSError as e:
-        raise Damaged(f"{path.name} is unreadable ({_why(e)})") from None
-
-
-def _why(e: Exception) -> str:
-    return getattr(e, "strerror", None) or type(e).__name__
-
-
-def is_number(x: Any) -> bool:
-    """A JSON number (not a bool, which Python counts as an int)."""
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-
-def lock_holder(rundir: RunDir) -> int | None:
-    """The pid in ``.lock`` if that process is alive, else None (no lock, or a stale one).
-
-    ``RunDir.unlock`` removes the file, so one that is left names a process that was killed;
-    the pid is checked, not the ``flock``, because probing the flock would take it for a moment
-    and could make a starting ``train --resume`` fail as if the run were busy."""
-    try:
-        pid = int(rundir.lock_path.read_text().strip())
-    except (OSError, ValueError):
-        return None
-    return pid if _alive(pid) else None
-
-
-def _alive(pid: int) -> bool:
-    if pid <= 0:  # kill(0) and kill(-n) would signal process groups
-        return False
-    try:
-        os.kill(pid, 0)
-    except (ProcessLookupError, OverflowError):
-        return False
-    except PermissionError:  # alive, owned by another user
-        return True
-    return True
-
-
-def status(run: Run) -> tuple[str, str | None]:
-    """(one of STATUSES, a note or None). A live writer comes first (an extended run has no
-    summary until it ends again); a summary outranks diverged.json (a diverged run resumed
-    from its last good checkpoint and finished)."""
-    if run.problem is not None:
-        return "damaged", run.problem
-    if lock_holder(RunDir(run.path)) is not None:
-        return "running", None
-    if run.summary is not None:
-        return "finished", None
-    if run.diverged is not None:
-        return "diverged", f"at step {run.diverged['step']}"
-    return "interrupted", None
 
 
 # -- finding and listing ---------------------------------------------------------------------

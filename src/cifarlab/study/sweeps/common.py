@@ -144,8 +144,8 @@ def _plan(job: Job, extra: list[str], out: Path) -> str:
         )
     if run.summary_path.is_file():
         return "done"
-    from cifarlab.study.runlist import lock_holder
     from cifarlab.training.checkpoints import STATE_FILE
+    from cifarlab.training.runs import lock_holder
 
     holder = lock_holder(run)
     if holder is not None:
