@@ -395,3 +395,18 @@ def test_mlp_norm_after_activation_is_the_seeds_order():
     seed = MLP(12, [5], 3, norm="batch", norm_after_activation=True)
     assert list(default.hidden[0]._modules) == ["linear", "norm", "act"]
     assert list(seed.hidden[0]._modules) == ["linear", "act", "norm"]
+
+
+def test_the_optional_model_hooks_are_found_by_their_protocol():
+    """models.hooks is the one list of what a model may offer the trainer: a plain module
+    offers nothing, `fast` offers both hooks."""
+    from cifarlab.models import hooks
+
+    plain = torch.nn.Linear(3, 2)
+    assert hooks.lr_scales(plain) == {} and hooks.init_from_data(plain, torch.zeros(1, 3, 32, 32)) is False
+    fast = create_model("fast", widths=[8, 8, 8])
+    scales = hooks.lr_scales(fast)
+    assert scales and set(scales.values()) == {64.0} and all(n.endswith("bias") for n in scales)
+    before = fast.whiten.weight.clone()
+    assert hooks.init_from_data(fast, torch.randn(64, 3, 32, 32)) is True
+    assert not torch.equal(before, fast.whiten.weight)

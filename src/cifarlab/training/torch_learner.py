@@ -29,11 +29,13 @@ from cifarlab.training.distributed import Dist
 def make_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
     """The optimizer of ``cfg``; no weight decay on biases and norm scales (ndim <= 1), as
     nanoGPT and timm do, unless ``cfg.decay_biases``. Frozen parameters are left out. A model
-    may ask for per-parameter learning-rate multipliers with an ``lr_scales`` attribute
-    ({name: factor}); each group keeps its factor as ``lr_scale``, and its decay is divided by
-    it, so that under SGD a parameter shrinks by the same lr × decay each step whatever its rate."""
+    may ask for per-parameter learning-rate multipliers (``models.hooks.LearningRateScales``);
+    each group keeps its factor as ``lr_scale``, and its decay is divided by it, so that under
+    SGD a parameter shrinks by the same lr × decay each step whatever its rate."""
+    from cifarlab.models import hooks
+
     lr, wd = cfg.learning_rate, cfg.weight_decay
-    scales = getattr(model, "lr_scales", {})
+    scales = hooks.lr_scales(model)
     groups: dict[tuple[bool, float], list[torch.nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if p.requires_grad:
@@ -160,16 +162,16 @@ class TorchLearner:
         x_train: np.ndarray | None = None,
     ) -> TorchLearner:
         """``create_model(name, **cfg.model_kwargs())`` on ``device``, initialised from ``cfg.seed``;
-        a model with an ``init_from_data`` method (e.g. ``fast``'s whitening) also sees the
-        first 5000 training images ``x_train`` (uint8 NHWC), preprocessed."""
-        from cifarlab.models import create_model
+        a model that sets itself up from data (``models.hooks.InitFromData``, e.g. ``fast``'s
+        whitening) also sees the first 5000 training images ``x_train`` (uint8 NHWC), preprocessed."""
+        from cifarlab.models import create_model, hooks
 
         dist = dist or Dist()
         dev = resolve_device(device, dist)
         torch.manual_seed(cfg.seed)
         model = create_model(name, **cfg.model_kwargs())
-        if hasattr(model, "init_from_data") and x_train is not None:
-            model.init_from_data(to_tensor(x_train[:5000], prep))
+        if x_train is not None and isinstance(model, hooks.InitFromData):
+            hooks.init_from_data(model, to_tensor(x_train[:5000], prep))
         return cls(model, cfg, prep, dev, dist)
 
     def put(self, x: np.ndarray, y: np.ndarray) -> DeviceData:
