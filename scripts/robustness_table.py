@@ -17,6 +17,7 @@ import sys
 def shorten(text: str) -> str:
     text = re.sub(r"/tmp/pytest-of-[^/]+/pytest-\d+/[^/ ]+", "<tmp>", text)
     text = re.sub(r"\b[0-9a-f]{32}\b", "<run id>", text)  # random per run: not part of the message
+    text = re.sub(r"\bprocess \d+", "process <pid>", text)  # likewise
     return text.replace("|", "\\|")
 
 

@@ -17,8 +17,8 @@ from typing import Any
 
 from cifarlab.study.sweeps import activations, norms, table1
 from cifarlab.study.sweeps.common import Job
-from cifarlab.training.config import BOOKKEEPING, FIRST_SEED, TrainConfig
-from cifarlab.training.recipes import command_line, resolve
+from cifarlab.training.config import FIRST_SEED, TrainConfig, bookkeeping
+from cifarlab.training.recipes import RECIPES, command_line, resolve
 
 BUDGETS = ("quick", "full")
 
@@ -140,9 +140,9 @@ def expected_settings(exp: Experiment, budget: str, seed: int = FIRST_SEED) -> t
 def matches(config: dict, model: str, settings: dict) -> bool:
     """Does a run's config.json describe this model with these settings? The seed, the
     precision (how it computed, like the device: the report shows it beside the run) and the
-    settings that do not change the numbers (config.BOOKKEEPING) are not compared."""
+    settings that do not change the numbers (``config.bookkeeping``) are not compared."""
     from cifarlab.study.sweeps.common import same_settings
 
     return config.get("model") == model and same_settings(
-        config, settings, BOOKKEEPING | {"seed", "precision"}
+        config, settings, bookkeeping(RECIPES[model].config) | {"seed", "precision"}
     )

@@ -36,14 +36,15 @@ from cifarlab.errors import UsageError
 from cifarlab.schedules import SCHEDULES
 
 FIRST_SEED = 42  # the default seed; sweeps and the study run FIRST_SEED, FIRST_SEED + 1, ...
-# settings that change neither the weights nor the batches of a run: a resumed run may change
-# them, and runs that differ only in them are the same experiment
-BOOKKEEPING = frozenset(
-    {"eval_freq", "threads", "log_freq", "eval_batch_size", "interim_tta", "full_evals", "quick_eval_images"}
-)
 MAX_PARAMETER_BYTES = 4 << 30  # a model over 4 GiB of float32 parameters is refused
 
 C = TypeVar("C", bound="TrainConfig")
+
+
+def bookkeeping(cls: type[TrainConfig]) -> frozenset[str]:
+    """The settings of ``cls`` that change neither the weights nor the batches of a run: a
+    resumed run may change them, and runs that differ only in them are the same experiment."""
+    return frozenset(f.name for f in dataclasses.fields(cls) if f.metadata.get("bookkeeping"))
 
 
 def flag(name: str) -> str:
@@ -61,11 +62,20 @@ def setting(
     lo_open: bool = False,
     hi_open: bool = False,
     torch_only: bool = False,
+    bookkeeping: bool = False,
 ) -> Any:
     """A config field: its default, flag help, choices and valid range [lo, hi] (open ends
     with ``lo_open``/``hi_open``; for a list, the range of each element). ``torch_only``
-    fields are not flags of the NumPy trainer, which refuses other values than the default."""
-    meta = {"help": help, "choices": choices, "range": (lo, hi, lo_open, hi_open), "torch_only": torch_only}
+    fields are not flags of the NumPy trainer, which refuses other values than the default.
+    ``bookkeeping`` fields change neither the weights nor the batches of a run (how often it
+    evaluates or logs, threads): see :func:`bookkeeping`."""
+    meta = {
+        "help": help,
+        "choices": choices,
+        "range": (lo, hi, lo_open, hi_open),
+        "torch_only": torch_only,
+        "bookkeeping": bookkeeping,
+    }
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -79,9 +89,12 @@ class TrainConfig:
     learning_rate: float = setting(1e-3, "peak learning rate", lo=0, lo_open=True)
     max_steps: int = setting(1400, "optimizer steps", lo=1, hi=10**9)
     batch_size: int = setting(200, "training batch size", lo=1, hi=50_000)
-    eval_freq: int = setting(100, "evaluate on the whole test set every N steps", lo=1)
+    eval_freq: int = setting(100, "evaluate on the whole test set every N steps", lo=1, bookkeeping=True)
     log_freq: int = setting(
-        0, "a metrics record (training loss/accuracy since the last) every N steps; 0: max_steps // 100", lo=0
+        0,
+        "a metrics record (training loss/accuracy since the last) every N steps; 0: max_steps // 100",
+        lo=0,
+        bookkeeping=True,
     )
     optimizer: str = setting("sgd", "optimizer", choices=OPTIMIZERS)
     momentum: float = setting(0.9, "momentum of 'momentum' (Nesterov)", lo=0, hi=1, hi_open=True)
@@ -127,6 +140,7 @@ class TrainConfig:
         "no-grad evaluation batch (250: 1.5x faster than 1000 for the ConvNet on a 2-core CPU)",
         lo=1,
         hi=50_000,
+        bookkeeping=True,
     )
     val_split: int = setting(
         0, "hold out N training images (seeded, stratified by class) as a validation set, evaluated with the "
@@ -140,7 +154,12 @@ class TrainConfig:
     )
     channels_last: bool = setting(False, "NHWC memory format (faster convs on CPU)", torch_only=True)
     threads: int = setting(
-        0, "torch threads (0: $OMP_NUM_THREADS, else all cores)", lo=0, hi=1024, torch_only=True
+        0,
+        "torch threads (0: $OMP_NUM_THREADS, else all cores)",
+        lo=0,
+        hi=1024,
+        torch_only=True,
+        bookkeeping=True,
     )
     log_grad_norms: bool = setting(False, "log each weight's gradient norm per evaluation", torch_only=True)
     precision: str = setting(

@@ -127,17 +127,19 @@ class FastConfig(TrainConfig):
     widths: list[int] = setting([64, 256, 256], "channels of the three conv groups", lo=1, hi=4096)
     tta: int = setting(2, "test-time augmentation: 0 none, 1 + mirror, 2 + shifted by a pixel", lo=0, hi=2)
     interim_tta: int = setting(
-        0, "--tta level of the evaluations before the last (6 views cost 6x; the last uses --tta)", lo=0, hi=2
-    )
+        0, "--tta level of the evaluations before the last (6 views cost 6x; the last uses --tta)", lo=0, hi=2,
+        bookkeeping=True,
+    )  # fmt: skip
     full_evals: int = setting(
         0,
         "only the last N evaluations see the whole test set (the last with --tta); earlier ones are "
         "a quick one-view check of --quick-eval-images images (for the curves and time_to_accuracy); "
         "0: every evaluation is full",
         lo=0,
+        bookkeeping=True,
     )
     quick_eval_images: int = setting(
-        2000, "test images of a quick check (see --full-evals)", lo=1, hi=10**6
+        2000, "test images of a quick check (see --full-evals)", lo=1, hi=10**6, bookkeeping=True
     )  # fmt: skip
     whiten_bias_epochs: float = setting(
         0.0, "train the whitening layer's bias for this many epochs, then freeze it (its backward pass is "

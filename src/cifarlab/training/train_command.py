@@ -30,12 +30,12 @@ from cifarlab.errors import CheckpointError, CifarlabError, UsageError, reason
 from cifarlab.files import atomic_write_json
 from cifarlab.training import checkpoints
 from cifarlab.training.config import (
-    BOOKKEEPING,
     TrainConfig,
     add_config_args,
     add_data_args,
     add_device_arg,
     add_progress_arg,
+    bookkeeping,
     flag,
     given_flags,
     make_config,
@@ -50,8 +50,11 @@ from cifarlab.training.runs import (
     require_tensorboard,
 )
 
-# settings a --resume may change: they alter neither the weights so far nor the batches
-RESUMABLE_CHANGES = ("max_steps", *sorted(BOOKKEEPING))
+
+def resumable_changes(cls: type[TrainConfig]) -> tuple[str, ...]:
+    """The settings a --resume may change: they alter neither the weights so far nor the
+    batches (and a larger --max-steps extends the run)."""
+    return ("max_steps", *sorted(bookkeeping(cls)))
 
 
 def add_arguments(p: argparse.ArgumentParser, recipe: Recipe) -> None:
@@ -66,7 +69,7 @@ def add_arguments(p: argparse.ArgumentParser, recipe: Recipe) -> None:
         "--resume",
         metavar="RUN_DIR",
         help=f"continue an interrupted run from its last checkpoint; of the settings only "
-        f"{', '.join(map(flag, RESUMABLE_CHANGES))} may change (a larger --max-steps extends a "
+        f"{', '.join(map(flag, resumable_changes(recipe.config)))} may change (a larger --max-steps extends a "
         "finished run, re-stretching the LR schedule over the new total)",
     )
     if recipe.framework == "torch":
@@ -169,12 +172,13 @@ def resume_config(recipe: Recipe, args: argparse.Namespace, run: RunDir) -> Trai
     if args.preset is not None and args.preset != saved.get("preset"):
         raise UsageError(f"--preset cannot change on --resume (the run used {saved.get('preset')!r})")
     changes = {k: v for k, v in given_flags(recipe.config, args).items() if v != getattr(old, k)}
-    refused = sorted(set(changes) - set(RESUMABLE_CHANGES))
+    allowed = resumable_changes(recipe.config)
+    refused = sorted(set(changes) - set(allowed))
     if refused:
         name = refused[0]
         raise UsageError(
             f"{flag(name)} cannot change on --resume (the run used {getattr(old, name)!r}); only "
-            f"{', '.join(map(flag, RESUMABLE_CHANGES))} may. Start a new run instead"
+            f"{', '.join(map(flag, allowed))} may. Start a new run instead"
         )
     cfg = make_config(recipe.config, {}, {**dataclasses.asdict(old), **changes})  # validated again
     if run.summary_path.is_file() and cfg.max_steps <= old.max_steps:
