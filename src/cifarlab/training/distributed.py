@@ -156,11 +156,16 @@ def broadcast_text(text: str | None, dist: Dist, what: str) -> str | None:
     return None if raw[:1] == b"\x00" else raw[1:].decode()
 
 
-def shutdown() -> None:
-    """Leave the process group (at the end of a job, on every rank)."""
+def shutdown(clean: bool = True) -> None:
+    """Leave the process group at the end of a job, on every rank. After a clean end the ranks
+    first wait for one another: a rank that destroyed its group and exited while another was
+    still on its way there could leave that one hanging in ``destroy_process_group`` (seen
+    here once in a 2-rank gloo job; pytorch/pytorch#75097). After an error nothing collective
+    is tried, since the rank that failed may never arrive: the process's exit frees the group."""
     global _control
     import torch.distributed as td
 
-    if td.is_available() and td.is_initialized():
+    if clean and td.is_available() and td.is_initialized():
+        td.barrier()
         td.destroy_process_group()
     _control = None

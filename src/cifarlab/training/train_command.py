@@ -206,11 +206,11 @@ def _open_on_main(dist: Dist, open_run: Callable[[], RunDir]) -> RunDir:
     return RunDir(path)
 
 
-def _shutdown(dist: Dist) -> None:
+def _shutdown(dist: Dist, clean: bool) -> None:
     if dist.active:
         from cifarlab.training import distributed
 
-        distributed.shutdown()
+        distributed.shutdown(clean)
 
 
 def parser(model: str) -> argparse.ArgumentParser:
@@ -252,11 +252,12 @@ def main(recipe: Recipe, args: argparse.Namespace) -> int:
         require_tensorboard()
     dist = Dist.from_env()
     try:
-        if args.resume is not None:
-            return _resume(recipe, args, dist)
-        return _start(recipe, args, dist)
-    finally:
-        _shutdown(dist)
+        code = _resume(recipe, args, dist) if args.resume is not None else _start(recipe, args, dist)
+    except BaseException:
+        _shutdown(dist, clean=False)
+        raise
+    _shutdown(dist, clean=True)
+    return code
 
 
 _started_before = False  # a sweep or `reproduce` may run several trainings in one process
