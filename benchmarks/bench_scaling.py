@@ -72,6 +72,7 @@ def worker(args: argparse.Namespace) -> None:
                 {"train_img_s": args.steps * cfg.batch_size / train, "eval_img_s": args.eval_images / ev}
             )
         )
+    del learner, data, test  # DDP's reducer holds the process group: free it before the group goes
     if dist.active:
         distributed.shutdown()
 

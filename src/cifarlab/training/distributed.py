@@ -163,8 +163,14 @@ def shutdown(clean: bool = True) -> None:
     here once in a 2-rank gloo job; pytorch/pytorch#75097). After an error nothing collective
     is tried, since the rank that failed may never arrive: the process's exit frees the group."""
     global _control
+    import gc
+
     import torch.distributed as td
 
+    # a DDP model still alive holds the group: were it freed only after destroy_process_group,
+    # the group's destructor (holding the GIL) could wait for a gloo thread that waits for the
+    # GIL. Callers drop their learner first; this frees what only a reference cycle keeps.
+    gc.collect()
     if clean and td.is_available() and td.is_initialized():
         td.barrier()
         td.destroy_process_group()
