@@ -307,9 +307,10 @@ def run_backward(need_x: bool, need_gamma: bool, need_beta: bool):
     if y.grad_fn is not None:  # the real ctx autograd would pass
         ctx = y.grad_fn
     else:  # nothing requires grad: no graph, so a stand-in ctx with the saved tensors
-        saved = LayerNormFunction.apply(x, g.detach().requires_grad_(True), b, 1e-5).grad_fn
+        # (of a graph whose output stays referenced while they are read)
+        y_with_graph = LayerNormFunction.apply(x, g.detach().requires_grad_(True), b, 1e-5)
         ctx = SimpleNamespace(
-            saved_tensors=saved.saved_tensors, needs_input_grad=(False, False, False, False)
+            saved_tensors=y_with_graph.grad_fn.saved_tensors, needs_input_grad=(False, False, False, False)
         )
     assert tuple(ctx.needs_input_grad[:3]) == (need_x, need_gamma, need_beta)
     dy = torch.randn(N, M, dtype=F64)
