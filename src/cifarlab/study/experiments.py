@@ -3,8 +3,9 @@
 ``cifarlab reproduce`` runs them and ``cifarlab report`` finds their run directories. An
 experiment is a model, a preset and the settings it changes (``recipes.resolve`` turns them
 into a config, no command line involved), run over one or more seeds. A run directory
-belongs to an experiment when its model and settings are exactly the resolved ones: the report finds the runs by what they are, wherever they were made (by
-``reproduce``, a sweep, or by hand). In the *quick* budget every experiment runs once, for a
+belongs to an experiment when its model and settings are exactly the resolved ones: the
+report finds the runs by what they are, wherever they were made (by ``reproduce``, a sweep,
+or by hand). In the *quick* budget every experiment runs once, for a
 few steps, so that every section of the report exists within minutes. Those numbers show that
 the pipeline works; they are not results, and the report labels them as such.
 """

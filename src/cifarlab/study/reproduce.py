@@ -20,8 +20,6 @@ from cifarlab.errors import UsageError
 from cifarlab.training.config import add_data_args, add_device_arg, add_progress_arg
 from cifarlab.training.runs import RunDir
 
-# rough images/s of this project's 2-core development CPU (AVX2), per model: training, evaluation;
-# only for the ETA, which is rescaled by the speed the finished runs actually had
 START_SECONDS = 4.0  # a process start: Python, torch, the data
 
 

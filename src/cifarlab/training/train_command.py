@@ -233,7 +233,8 @@ def run_argv(argv: list[str]) -> int:
 
     if not argv:
         raise UsageError(f"give a train target; choose one of: {', '.join(RECIPES)}")
-    return main(RECIPES[argv[0]], parser(argv[0]).parse_args(argv[1:]))
+    args = parser(argv[0]).parse_args(argv[1:])  # first: an unknown model is its one-line error
+    return main(RECIPES[argv[0]], args)
 
 
 def parse_overrides(model: str, flags: list[str]) -> tuple[str | None, dict[str, Any]]:

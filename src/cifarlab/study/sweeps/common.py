@@ -158,8 +158,6 @@ def _plan(job: Job, extra: list[str], out: Path) -> str:
 def same_settings(config: dict, settings: dict, ignore: frozenset[str] = frozenset()) -> bool:
     """Does a run's config.json hold ``settings`` (all but those in ``ignore``)? A setting
     that an older version did not record counts as its default (it had no other value then)."""
-    from cifarlab.training.recipes import RECIPES
-
     saved = config.get("train")
     recipe = RECIPES.get(config.get("model", ""))
     if not isinstance(saved, dict) or recipe is None or not set(saved) <= set(settings):
